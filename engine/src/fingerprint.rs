@@ -1,0 +1,284 @@
+//! Cache keys, and why a stage reruns.
+//!
+//! A stage's key is blake3 over the canonical JSON of its [`Fingerprint`]:
+//!
+//! | field          | what                                                             |
+//! |----------------|------------------------------------------------------------------|
+//! | `schema`       | [`KEY_SCHEMA_VERSION`]                                           |
+//! | `kind`         | the stage kind                                                   |
+//! | `kind_version` | the kind's implementation version (bumped by hand)               |
+//! | `params`       | resolved parameters, canonical; source paths as content digests  |
+//! | `inputs`       | input name -> output digests of the wired upstream outputs       |
+//!
+//! Inputs enter by the upstream *output digest*, not the upstream key: a change upstream
+//! that yields identical bytes stops the rerun there (early cut-off). Resources (threads,
+//! device) do not enter the key. A fan-out item's key is the same fingerprint with the
+//! mapped collection replaced by the one item (id, attributes, digest).
+//!
+//! **If you change what enters a key, or how, bump [`KEY_SCHEMA_VERSION`].**
+//!
+//! The fingerprint of each stage's last run is stored per pipeline; comparing it with the
+//! current one yields [`DirtyReason`]s, which `meduet plan` prints (as cargo's
+//! `DirtyReason` and Bazel's `--explain` do).
+
+use std::collections::BTreeMap;
+
+use meduet_cache::{ContentDigest, StageKey};
+use serde::{Deserialize, Serialize};
+
+use crate::params::{canonical_bytes, diff_params};
+
+/// Version of the key schema.
+pub const KEY_SCHEMA_VERSION: u32 = 1;
+
+/// Everything that determines a stage's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub schema: u32,
+    pub kind: String,
+    pub kind_version: u32,
+    pub params: serde_json::Value,
+    pub inputs: BTreeMap<String, Vec<ContentDigest>>,
+    /// For per-item keys of fan-out stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<ItemFingerprint>,
+}
+
+/// The item part of a per-item key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemFingerprint {
+    pub input: String,
+    pub id: String,
+    pub attrs: BTreeMap<String, serde_json::Value>,
+    pub digest: ContentDigest,
+}
+
+impl Fingerprint {
+    /// The cache key.
+    pub fn key(&self) -> StageKey {
+        let v = serde_json::to_value(self).expect("fingerprint serializes");
+        let mut h = blake3::Hasher::new();
+        h.update(b"meduet-stage-key\0");
+        h.update(&canonical_bytes(&v));
+        h.finalize().into()
+    }
+
+    /// The fingerprint of one item of a fan-out stage over input `input`.
+    pub fn for_item(
+        &self,
+        input: &str,
+        id: &str,
+        attrs: &BTreeMap<String, serde_json::Value>,
+        digest: ContentDigest,
+    ) -> Fingerprint {
+        let mut f = self.clone();
+        f.inputs.remove(input);
+        f.item = Some(ItemFingerprint {
+            input: input.to_string(),
+            id: id.to_string(),
+            attrs: attrs.clone(),
+            digest,
+        });
+        f
+    }
+}
+
+/// Why a stage will run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum DirtyReason {
+    /// No earlier run of this stage in this pipeline is recorded.
+    NeverRun,
+    KindChanged {
+        old: String,
+        new: String,
+    },
+    ImplVersionChanged {
+        old: u32,
+        new: u32,
+    },
+    KeySchemaChanged {
+        old: u32,
+        new: u32,
+    },
+    ParamChanged {
+        param: String,
+        old: Option<serde_json::Value>,
+        new: Option<serde_json::Value>,
+    },
+    InputChanged {
+        input: String,
+        from: Vec<String>,
+    },
+    /// The key is the same as last time but its object is gone (gc, quarantine).
+    ObjectMissing,
+    /// An upstream stage has not run yet; the key is unknown until it does.
+    UpstreamPending {
+        stages: Vec<String>,
+    },
+    Forced,
+}
+
+impl std::fmt::Display for DirtyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let short = |v: &Option<serde_json::Value>| match v {
+            None => "(unset)".to_string(),
+            Some(v) => {
+                let s = v.to_string();
+                if s.len() > 60 {
+                    format!("{}...", &s[..57])
+                } else {
+                    s
+                }
+            }
+        };
+        match self {
+            DirtyReason::NeverRun => f.write_str("never run in this pipeline"),
+            DirtyReason::KindChanged { old, new } => write!(f, "kind changed: {old} -> {new}"),
+            DirtyReason::ImplVersionChanged { old, new } => {
+                write!(f, "implementation version changed: {old} -> {new}")
+            }
+            DirtyReason::KeySchemaChanged { old, new } => {
+                write!(f, "key schema changed: {old} -> {new}")
+            }
+            DirtyReason::ParamChanged { param, old, new } => write!(
+                f,
+                "parameter '{param}' changed: {} -> {}",
+                short(old),
+                short(new)
+            ),
+            DirtyReason::InputChanged { input, from } => {
+                write!(f, "input '{input}' changed (from {})", from.join(", "))
+            }
+            DirtyReason::ObjectMissing => {
+                f.write_str("same key as the last run, but its object is gone (gc or quarantine)")
+            }
+            DirtyReason::UpstreamPending { stages } => write!(
+                f,
+                "waits for {} (its key is known once they have run)",
+                stages.join(", ")
+            ),
+            DirtyReason::Forced => f.write_str("forced (--force)"),
+        }
+    }
+}
+
+/// Differences between the last recorded fingerprint and the current one.
+pub fn explain(
+    old: Option<&Fingerprint>,
+    new: &Fingerprint,
+    input_sources: &BTreeMap<String, Vec<String>>,
+) -> Vec<DirtyReason> {
+    let Some(old) = old else {
+        return vec![DirtyReason::NeverRun];
+    };
+    let mut reasons = Vec::new();
+    if old.schema != new.schema {
+        reasons.push(DirtyReason::KeySchemaChanged {
+            old: old.schema,
+            new: new.schema,
+        });
+    }
+    if old.kind != new.kind {
+        reasons.push(DirtyReason::KindChanged {
+            old: old.kind.clone(),
+            new: new.kind.clone(),
+        });
+    } else if old.kind_version != new.kind_version {
+        reasons.push(DirtyReason::ImplVersionChanged {
+            old: old.kind_version,
+            new: new.kind_version,
+        });
+    }
+    for (param, o, n) in diff_params(&old.params, &new.params) {
+        reasons.push(DirtyReason::ParamChanged {
+            param,
+            old: o,
+            new: n,
+        });
+    }
+    let names: std::collections::BTreeSet<&String> =
+        old.inputs.keys().chain(new.inputs.keys()).collect();
+    for name in names {
+        if old.inputs.get(name) != new.inputs.get(name) {
+            reasons.push(DirtyReason::InputChanged {
+                input: name.clone(),
+                from: input_sources.get(name).cloned().unwrap_or_default(),
+            });
+        }
+    }
+    if reasons.is_empty() {
+        reasons.push(DirtyReason::ObjectMissing);
+    }
+    reasons
+}
+
+/// What the engine remembers about the last run of one stage in one pipeline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageHistory {
+    pub key: StageKey,
+    pub fingerprint: Fingerprint,
+    #[serde(default)]
+    pub outputs: BTreeMap<String, ContentDigest>,
+}
+
+/// `roots/<pipeline>.json`: the last run of a pipeline (also the gc roots).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct History {
+    pub pipeline: String,
+    pub file: String,
+    /// Every key the last run used, item objects included (gc roots).
+    pub keys: Vec<StageKey>,
+    pub stages: BTreeMap<String, StageHistory>,
+}
+
+impl History {
+    pub fn path_for(pipeline: &str) -> String {
+        format!("roots/{}.json", meduet_cache::store::sanitize(pipeline))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp(params: serde_json::Value) -> Fingerprint {
+        Fingerprint {
+            schema: KEY_SCHEMA_VERSION,
+            kind: "k".into(),
+            kind_version: 1,
+            params,
+            inputs: BTreeMap::new(),
+            item: None,
+        }
+    }
+
+    #[test]
+    fn key_is_stable_and_param_sensitive() {
+        let a = fp(serde_json::json!({"lr": 0.0001, "b": [1, 2]}));
+        let b = fp(serde_json::json!({"b": [1, 2], "lr": 1e-4}));
+        assert_eq!(a.key(), b.key());
+        let c = fp(serde_json::json!({"b": [1, 2], "lr": 2e-4}));
+        assert_ne!(a.key(), c.key());
+        let mut d = a.clone();
+        d.kind_version = 2;
+        assert_ne!(a.key(), d.key());
+    }
+
+    #[test]
+    fn explain_names_param_with_old_and_new() {
+        let a = fp(serde_json::json!({"lr": 0.1}));
+        let b = fp(serde_json::json!({"lr": 0.2}));
+        let r = explain(Some(&a), &b, &BTreeMap::new());
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].to_string(), "parameter 'lr' changed: 0.1 -> 0.2");
+        assert_eq!(
+            explain(None, &b, &BTreeMap::new()),
+            vec![DirtyReason::NeverRun]
+        );
+        assert_eq!(
+            explain(Some(&b), &b, &BTreeMap::new()),
+            vec![DirtyReason::ObjectMissing]
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! `meduet plan`: what is cached, what will run, and why.
+//!
+//! Planning walks the stages in topological order. A stage whose upstream objects all
+//! exist has a known key: it is *cached* if its object exists, else it *will run*, and
+//! the difference between its fingerprint and the one recorded at the pipeline's last run
+//! says why (a parameter with its old and new value, an input digest, the
+//! implementation version). A stage downstream of one that will run has an unknown key
+//! until that stage runs (early cut-off may still make it a cache hit); the plan says so,
+//! together with any parameter changes it can already see.
+
+use std::collections::{BTreeMap, HashMap};
+
+use meduet_cache::{Object, StageKey, Store};
+use serde::Serialize;
+
+use crate::error::EngineError;
+use crate::exec::{input_artifact, prepare, Prepared};
+use crate::fingerprint::{explain, DirtyReason, Fingerprint, History, KEY_SCHEMA_VERSION};
+use crate::pipeline::Pipeline;
+use crate::stage::InputArtifact;
+
+/// The plan for one stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedStage {
+    pub name: String,
+    pub kind: String,
+    #[serde(flatten)]
+    pub status: StageStatus,
+}
+
+/// Cached or not, and why.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum StageStatus {
+    Cached {
+        key: StageKey,
+    },
+    WillRun {
+        key: Option<StageKey>,
+        reasons: Vec<DirtyReason>,
+        /// For fan-out stages with known inputs: (items, items already cached).
+        items: Option<(usize, usize)>,
+    },
+}
+
+impl StageStatus {
+    pub fn is_cached(&self) -> bool {
+        matches!(self, StageStatus::Cached { .. })
+    }
+}
+
+/// Loads the last-run history of a pipeline.
+pub fn load_history(store: &Store, pipeline: &Pipeline) -> History {
+    store
+        .read_json::<History>(&History::path_for(&pipeline.name))
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Collects the inputs of stage `i` from the objects of its upstream stages; `None` if
+/// some upstream object is missing.
+pub fn gather_inputs(
+    pipeline: &Pipeline,
+    store: &Store,
+    i: usize,
+    objects: &HashMap<usize, Object>,
+) -> Result<Option<BTreeMap<String, Vec<InputArtifact>>>, EngineError> {
+    let def = &pipeline.stages[i];
+    let mut inputs = BTreeMap::new();
+    for (name, refs) in &def.inputs {
+        let mut arts = Vec::new();
+        for r in refs {
+            let up = pipeline.index_of(&r.stage).expect("validated reference");
+            let Some(obj) = objects.get(&up) else {
+                return Ok(None);
+            };
+            let ty = pipeline.output_type(r).expect("validated output");
+            arts.push(input_artifact(store, &r.stage, &r.output, ty, obj)?);
+        }
+        inputs.insert(name.clone(), arts);
+    }
+    Ok(Some(inputs))
+}
+
+/// Names of the outputs wired to each input, for explanations.
+pub fn input_sources(pipeline: &Pipeline, i: usize) -> BTreeMap<String, Vec<String>> {
+    pipeline.stages[i]
+        .inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.iter().map(|r| r.to_string()).collect()))
+        .collect()
+}
+
+/// Counts the cached items of a fan-out stage.
+pub fn item_counts(store: &Store, p: &Prepared) -> Option<(usize, usize)> {
+    let input = p.kind.map_over()?;
+    let items: Vec<_> = p
+        .inputs
+        .get(input)?
+        .iter()
+        .flat_map(|a| a.items.iter())
+        .collect();
+    let cached = items
+        .iter()
+        .filter(|it| {
+            store.contains(
+                &p.fingerprint
+                    .for_item(input, &it.id, &it.attrs, it.digest)
+                    .key(),
+            )
+        })
+        .count();
+    Some((items.len(), cached))
+}
+
+/// Plans `selected` stages (all when empty), with `force`d stage names.
+pub fn plan(
+    pipeline: &Pipeline,
+    store: &Store,
+    selected: &[usize],
+    force: &[String],
+) -> Result<Vec<PlannedStage>, EngineError> {
+    let history = load_history(store, pipeline);
+    let mut objects: HashMap<usize, Object> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, def) in pipeline.stages.iter().enumerate() {
+        if !selected.is_empty() && !selected.contains(&i) {
+            continue;
+        }
+        let old = history.stages.get(&def.name).map(|h| &h.fingerprint);
+        let forced = force.contains(&def.name);
+        let status = match gather_inputs(pipeline, store, i, &objects)? {
+            Some(inputs) => {
+                let p = prepare(def, store, inputs)?;
+                match store.load(&p.key)? {
+                    Some(obj) if !forced => {
+                        objects.insert(i, obj);
+                        StageStatus::Cached { key: p.key }
+                    }
+                    _ => {
+                        let reasons = if forced {
+                            vec![DirtyReason::Forced]
+                        } else {
+                            explain(old, &p.fingerprint, &input_sources(pipeline, i))
+                        };
+                        StageStatus::WillRun {
+                            key: Some(p.key),
+                            reasons,
+                            items: item_counts(store, &p),
+                        }
+                    }
+                }
+            }
+            None => {
+                let pending: Vec<String> = pipeline
+                    .upstream_of(i)
+                    .into_iter()
+                    .filter(|u| !objects.contains_key(u))
+                    .map(|u| pipeline.stages[u].name.clone())
+                    .collect();
+                let mut reasons = vec![DirtyReason::UpstreamPending { stages: pending }];
+                // What can already be seen: parameter and version changes.
+                if let Ok((_, key_params, _)) = crate::exec::resolve_stage_sources(def, store) {
+                    let partial = Fingerprint {
+                        schema: KEY_SCHEMA_VERSION,
+                        kind: def.kind.kind().to_string(),
+                        kind_version: def.kind.version(),
+                        params: key_params,
+                        inputs: old.map(|o| o.inputs.clone()).unwrap_or_default(),
+                        item: None,
+                    };
+                    if old.is_some() {
+                        reasons.extend(
+                            explain(old, &partial, &BTreeMap::new())
+                                .into_iter()
+                                .filter(|r| !matches!(r, DirtyReason::ObjectMissing)),
+                        );
+                    }
+                }
+                if forced {
+                    reasons.push(DirtyReason::Forced);
+                }
+                StageStatus::WillRun {
+                    key: None,
+                    reasons,
+                    items: None,
+                }
+            }
+        };
+        out.push(PlannedStage {
+            name: def.name.clone(),
+            kind: def.kind.kind().to_string(),
+            status,
+        });
+    }
+    Ok(out)
+}
+
+/// Resolves `--only` names to the stages to consider (each with its ancestors).
+pub fn select(pipeline: &Pipeline, only: &[String]) -> Result<Vec<usize>, EngineError> {
+    let mut sel = Vec::new();
+    for name in only {
+        let i =
+            pipeline
+                .index_of(name)
+                .ok_or_else(|| crate::error::PipelineError::NoSuchStage {
+                    file: pipeline.file.clone(),
+                    stage: name.clone(),
+                    known: pipeline.stage_names(),
+                })?;
+        sel.extend(pipeline.ancestors_of(i));
+    }
+    sel.sort();
+    sel.dedup();
+    Ok(sel)
+}

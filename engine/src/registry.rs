@@ -1,0 +1,134 @@
+//! The registry of stage kinds, and the type-erased view of a [`Stage`] the engine uses.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::error::StageError;
+use crate::resources::Resources;
+use crate::stage::{InputSpec, OutputSpec, Stage, StageContext};
+
+/// A stage kind as the engine sees it (parameters as JSON).
+pub trait DynStage: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn version(&self) -> u32;
+    fn about(&self) -> &'static str;
+    fn inputs(&self) -> Vec<InputSpec>;
+    fn outputs(&self) -> Vec<OutputSpec>;
+    fn default_resources(&self) -> Resources;
+    fn map_over(&self) -> Option<&'static str>;
+    fn parallel_items(&self) -> bool;
+    /// Parses a parameter table into canonical JSON (defaults filled). On error returns
+    /// `(parameter path, message)`.
+    fn resolve_params(&self, raw: toml::Table) -> Result<serde_json::Value, (String, String)>;
+    fn seed(&self, params: &serde_json::Value) -> Option<u64>;
+    fn run(&self, params: &serde_json::Value, ctx: &mut StageContext) -> Result<(), StageError>;
+    fn run_item(
+        &self,
+        params: &serde_json::Value,
+        ctx: &mut StageContext,
+    ) -> Result<(), StageError>;
+}
+
+struct Typed<S>(S);
+
+fn parse<S: Stage>(params: &serde_json::Value) -> Result<S::Params, StageError> {
+    serde_json::from_value(params.clone())
+        .map_err(|e| StageError::failed(format!("parameters of '{}' do not parse: {e}", S::KIND)))
+}
+
+impl<S: Stage> DynStage for Typed<S> {
+    fn kind(&self) -> &'static str {
+        S::KIND
+    }
+    fn version(&self) -> u32 {
+        S::VERSION
+    }
+    fn about(&self) -> &'static str {
+        S::ABOUT
+    }
+    fn inputs(&self) -> Vec<InputSpec> {
+        self.0.inputs()
+    }
+    fn outputs(&self) -> Vec<OutputSpec> {
+        self.0.outputs()
+    }
+    fn default_resources(&self) -> Resources {
+        self.0.default_resources()
+    }
+    fn map_over(&self) -> Option<&'static str> {
+        self.0.map_over()
+    }
+    fn parallel_items(&self) -> bool {
+        self.0.parallel_items()
+    }
+    fn resolve_params(&self, raw: toml::Table) -> Result<serde_json::Value, (String, String)> {
+        let typed: S::Params =
+            serde_path_to_error::deserialize(toml::Value::Table(raw)).map_err(|e| {
+                let path = e.path().to_string();
+                let path = if path == "." { String::new() } else { path };
+                (path, e.into_inner().message().to_string())
+            })?;
+        self.0.validate(&typed).map_err(|m| {
+            // Validation messages start with the parameter name when they concern one.
+            let param = m.split(':').next().unwrap_or("").trim().to_string();
+            if param.contains(' ') {
+                (String::new(), m)
+            } else {
+                (
+                    param,
+                    m.split_once(':')
+                        .map(|x| x.1.trim().to_string())
+                        .unwrap_or(m),
+                )
+            }
+        })?;
+        serde_json::to_value(&typed).map_err(|e| (String::new(), e.to_string()))
+    }
+    fn seed(&self, params: &serde_json::Value) -> Option<u64> {
+        parse::<S>(params).ok().and_then(|p| self.0.seed(&p))
+    }
+    fn run(&self, params: &serde_json::Value, ctx: &mut StageContext) -> Result<(), StageError> {
+        let p = parse::<S>(params)?;
+        self.0.run(&p, ctx)
+    }
+    fn run_item(
+        &self,
+        params: &serde_json::Value,
+        ctx: &mut StageContext,
+    ) -> Result<(), StageError> {
+        let p = parse::<S>(params)?;
+        self.0.run_item(&p, ctx)
+    }
+}
+
+/// All known stage kinds.
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Arc<dyn DynStage>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a kind. Panics if the name is taken (a programming error).
+    pub fn register<S: Stage>(&mut self, stage: S) -> &mut Self {
+        let prev = self.kinds.insert(S::KIND, Arc::new(Typed(stage)));
+        assert!(prev.is_none(), "stage kind '{}' registered twice", S::KIND);
+        self
+    }
+
+    pub fn get(&self, kind: &str) -> Option<Arc<dyn DynStage>> {
+        self.kinds.get(kind).cloned()
+    }
+
+    /// Kind names, sorted.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.kinds.keys().copied().collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn DynStage>> {
+        self.kinds.values()
+    }
+}

@@ -1,0 +1,1 @@
+//! Volumes: NIfTI and Zarr I/O, orientation, resampling, intensity, phantoms.

@@ -1,0 +1,1 @@
+//! Training utilities: optimiser groups, schedules, EMA, checkpoints.
