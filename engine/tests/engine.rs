@@ -1,0 +1,560 @@
+//! Engine behaviour with the utility kinds: what reruns, early cut-off, includes,
+//! fan-out, failures, moving folders, validation errors, exec specs.
+
+use std::path::{Path, PathBuf};
+
+use meduet_cache::Store;
+use meduet_engine::plan::{plan, StageStatus};
+use meduet_engine::{run, ExecEnv, Outcome, Pipeline, Registry, RunOptions, RunSummary};
+
+fn registry() -> Registry {
+    let mut r = Registry::new();
+    meduet_engine::utility::register(&mut r);
+    r
+}
+
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+    fn load(&self, rel: &str) -> Result<Pipeline, meduet_engine::PipelineError> {
+        Pipeline::load(&self.path(rel), &registry())
+    }
+    fn run(&self, rel: &str) -> RunSummary {
+        self.run_opts(rel, RunOptions::default()).unwrap()
+    }
+    fn run_opts(
+        &self,
+        rel: &str,
+        opts: RunOptions,
+    ) -> Result<RunSummary, meduet_engine::EngineError> {
+        let p = self.load(rel).unwrap();
+        let store = Store::open(&p.cache_dir).unwrap();
+        run(&p, &ExecEnv::new(store), &opts)
+    }
+    fn read_output(&self, rel: &str, stage: &str) -> String {
+        let p = self.load(rel).unwrap();
+        let store = Store::open(&p.cache_dir).unwrap();
+        let h = meduet_engine::plan::load_history(&store, &p);
+        let key = h.stages[stage].key;
+        std::fs::read_to_string(store.object_dir(&key).join("out/text/text.txt")).unwrap()
+    }
+}
+
+fn sorted(mut v: Vec<&str>) -> Vec<&str> {
+    v.sort();
+    v
+}
+
+const FIVE: &str = r#"
+name = "five"
+[stages.a]
+kind = "text"
+text = "hello"
+[stages.b]
+kind = "transform"
+inputs = { text = "a.text" }
+op = "upper"
+[stages.c]
+kind = "concat"
+inputs = { parts = ["a.text", "b.text"] }
+separator = "-"
+[stages.d]
+kind = "transform"
+inputs = { text = "c.text" }
+op = "lower"
+[stages.e]
+kind = "concat"
+inputs = { parts = ["d.text", "b.text"] }
+"#;
+
+#[test]
+fn rerun_only_what_changed() {
+    let pr = Project::new();
+    pr.write("p.toml", FIVE);
+    let first = pr.run("p.toml");
+    assert_eq!(sorted(first.computed()), ["a", "b", "c", "d", "e"]);
+    assert_eq!(
+        pr.read_output("p.toml", "e"),
+        "hello-hello".to_string() + "HELLO"
+    );
+    let second = pr.run("p.toml");
+    assert!(
+        second.computed().is_empty(),
+        "a second run executes nothing: {:?}",
+        second.computed()
+    );
+    assert_eq!(second.cached().len(), 5);
+    // Change a parameter of the middle stage c: exactly c and its descendants rerun.
+    pr.write(
+        "p.toml",
+        &FIVE.replace("separator = \"-\"", "separator = \"+\""),
+    );
+    let third = pr.run("p.toml");
+    assert_eq!(sorted(third.computed()), ["c", "d", "e"]);
+    assert_eq!(sorted(third.cached()), ["a", "b"]);
+}
+
+#[test]
+fn identical_output_bytes_stop_the_rerun() {
+    let pr = Project::new();
+    let text = FIVE.replace("text = \"hello\"", "text = \"HELLO\"");
+    pr.write("p.toml", &text);
+    pr.run("p.toml");
+    // b's parameter changes, but upper("HELLO") == identity("HELLO"): early cut-off.
+    pr.write(
+        "p.toml",
+        &text.replace("op = \"upper\"", "op = \"identity\""),
+    );
+    let s = pr.run("p.toml");
+    assert_eq!(s.computed(), ["b"]);
+    assert_eq!(sorted(s.cached()), ["a", "c", "d", "e"]);
+}
+
+#[test]
+fn including_file_reuses_shared_stages() {
+    let pr = Project::new();
+    pr.write("base.toml", FIVE);
+    pr.write(
+        "ablation.toml",
+        r#"
+name = "ablation"
+include = ["base.toml"]
+[stages.f]
+kind = "transform"
+inputs = { text = "e.text" }
+op = "upper"
+[stages.d_variant]
+extends = "d"
+op = "upper"
+"#,
+    );
+    pr.run("base.toml");
+    let s = pr.run("ablation.toml");
+    assert_eq!(sorted(s.computed()), ["d_variant", "f"]);
+    assert_eq!(sorted(s.cached()), ["a", "b", "c", "d", "e"]);
+    // An included stage overridden key by key reruns alone (plus descendants).
+    pr.write(
+        "override.toml",
+        r#"
+include = ["base.toml"]
+[stages.d]
+op = "identity"
+"#,
+    );
+    let s = pr.run("override.toml");
+    assert_eq!(sorted(s.computed()), ["d", "e"]);
+}
+
+#[test]
+fn plan_explains_why() {
+    let pr = Project::new();
+    pr.write("p.toml", FIVE);
+    let p = pr.load("p.toml").unwrap();
+    let store = Store::open(&p.cache_dir).unwrap();
+    let before = plan(&p, &store, &[], &[]).unwrap();
+    assert!(
+        matches!(&before[0].status, StageStatus::WillRun { reasons, .. } if reasons[0].to_string() == "never run in this pipeline")
+    );
+    pr.run("p.toml");
+    pr.write(
+        "p.toml",
+        &FIVE.replace("separator = \"-\"", "separator = \"+\""),
+    );
+    let p = pr.load("p.toml").unwrap();
+    let pl = plan(&p, &store, &[], &[]).unwrap();
+    let by_name = |n: &str| pl.iter().find(|s| s.name == n).unwrap().status.clone();
+    assert!(by_name("a").is_cached() && by_name("b").is_cached());
+    let StageStatus::WillRun { reasons, key, .. } = by_name("c") else {
+        panic!("c must run")
+    };
+    assert!(key.is_some());
+    assert_eq!(
+        reasons.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        ["parameter 'separator' changed: \"-\" -> \"+\""]
+    );
+    let StageStatus::WillRun { reasons, key, .. } = by_name("d") else {
+        panic!("d must run")
+    };
+    assert!(key.is_none());
+    assert!(
+        reasons[0].to_string().contains("waits for c"),
+        "{}",
+        reasons[0]
+    );
+}
+
+#[test]
+fn fan_out_adding_an_item_computes_one_object() {
+    let pr = Project::new();
+    let pipeline = |lines: &str| {
+        format!(
+            r#"
+[stages.src]
+kind = "text"
+text = "{lines}"
+[stages.split]
+kind = "split_lines"
+inputs = {{ text = "src.text" }}
+[stages.up]
+kind = "map_lines"
+inputs = {{ lines = "split.lines" }}
+op = "upper"
+[stages.join]
+kind = "join_lines"
+inputs = {{ lines = "up.lines" }}
+"#
+        )
+    };
+    pr.write("p.toml", &pipeline("a\\nb\\nc"));
+    let s = pr.run("p.toml");
+    assert!(matches!(
+        s.stages.iter().find(|x| x.0 == "up").unwrap().1,
+        Outcome::Computed {
+            items: Some((3, 3)),
+            ..
+        }
+    ));
+    assert_eq!(pr.read_output("p.toml", "join"), "A\nB\nC");
+    pr.write("p.toml", &pipeline("a\\nb\\nc\\nd"));
+    let s = pr.run("p.toml");
+    assert!(
+        matches!(
+            s.stages.iter().find(|x| x.0 == "up").unwrap().1,
+            Outcome::Computed {
+                items: Some((4, 1)),
+                ..
+            }
+        ),
+        "{:?}",
+        s.stages
+    );
+    assert_eq!(pr.read_output("p.toml", "join"), "A\nB\nC\nD");
+}
+
+#[test]
+fn failing_item_keeps_computed_items_and_fails_the_stage() {
+    let pr = Project::new();
+    pr.write(
+        "p.toml",
+        r#"
+[stages.src]
+kind = "text"
+text = "ok1\nbad\nok2"
+[stages.split]
+kind = "split_lines"
+inputs = { text = "src.text" }
+[stages.up]
+kind = "map_lines"
+inputs = { lines = "split.lines" }
+fail_on = "bad"
+"#,
+    );
+    let e = pr
+        .run_opts("p.toml", RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("stage 'up' failed")
+            && e.contains("item 'line0001'")
+            && e.contains("contains 'bad'"),
+        "{e}"
+    );
+    let p = pr.load("p.toml").unwrap();
+    let store = Store::open(&p.cache_dir).unwrap();
+    // 3 whole-stage objects (src, split) + 2 good items.
+    assert_eq!(store.object_keys().unwrap().len(), 4);
+}
+
+#[test]
+fn failure_stops_dependents_and_keep_going_finishes_independent_stages() {
+    let pr = Project::new();
+    pr.write(
+        "p.toml",
+        r#"
+[stages.a]
+kind = "text"
+text = "x"
+[stages.broken]
+kind = "fail"
+inputs = { after = "a.text" }
+message = "boom"
+[stages.after_broken]
+kind = "transform"
+inputs = { text = "broken.text" }
+[stages.independent]
+kind = "transform"
+inputs = { text = "a.text" }
+"#,
+    );
+    let opts = RunOptions {
+        keep_going: true,
+        threads: 1,
+        ..Default::default()
+    };
+    let e = pr.run_opts("p.toml", opts).unwrap_err().to_string();
+    assert!(e.contains("stage 'broken' failed: boom"), "{e}");
+    let p = pr.load("p.toml").unwrap();
+    let store = Store::open(&p.cache_dir).unwrap();
+    let pl = plan(&p, &store, &[], &[]).unwrap();
+    let status = |n: &str| pl.iter().find(|s| s.name == n).unwrap().status.is_cached();
+    assert!(status("a") && status("independent"));
+    assert!(!status("broken") && !status("after_broken"));
+}
+
+#[test]
+fn moving_cache_and_data_reruns_nothing() {
+    let pr = Project::new();
+    pr.write("data/one.txt", "first");
+    pr.write("data/two.txt", "second");
+    let pipe = r#"
+cache = "cache"
+[stages.files]
+kind = "list_files"
+path = "data"
+[stages.up]
+kind = "map_lines"
+inputs = { lines = "files.lines" }
+op = "upper"
+[stages.join]
+kind = "join_lines"
+inputs = { lines = "up.lines" }
+"#;
+    pr.write(
+        "proj/p.toml",
+        &pipe.replace("path = \"data\"", "path = \"../data\""),
+    );
+    pr.run("proj/p.toml");
+    // Move the data and the cache folder, and point the pipeline at the new places.
+    std::fs::rename(pr.path("data"), pr.path("moved_data")).unwrap();
+    std::fs::rename(pr.path("proj/cache"), pr.path("moved_cache")).unwrap();
+    pr.write(
+        "proj/p.toml",
+        &pipe
+            .replace("path = \"data\"", "path = \"../moved_data\"")
+            .replace("cache = \"cache\"", "cache = \"../moved_cache\""),
+    );
+    let p = pr.load("proj/p.toml").unwrap();
+    let store = Store::open(&p.cache_dir).unwrap();
+    let pl = plan(&p, &store, &[], &[]).unwrap();
+    assert!(pl.iter().all(|s| s.status.is_cached()), "{pl:?}");
+    // Changing one file's content reruns the source stage.
+    pr.write("moved_data/two.txt", "changed");
+    let s = pr.run("proj/p.toml");
+    assert!(s.computed().contains(&"files"));
+    assert_eq!(pr.read_output("proj/p.toml", "join"), "FIRST\nCHANGED");
+}
+
+#[test]
+fn exec_spec_round_trip_is_idempotent() {
+    let pr = Project::new();
+    pr.write("p.toml", FIVE);
+    let p = pr.load("p.toml").unwrap();
+    let store = Store::open(&p.cache_dir).unwrap();
+    let env = ExecEnv::new(store.clone());
+    run(
+        &p,
+        &env,
+        &RunOptions {
+            only: vec!["b".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // Prepare c by hand, write its spec, execute it from the spec twice.
+    let objects: std::collections::HashMap<usize, meduet_cache::Object> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            let i = p.index_of(n).unwrap();
+            let h = meduet_engine::plan::load_history(&store, &p);
+            (i, store.load(&h.stages[*n].key).unwrap().unwrap())
+        })
+        .collect();
+    let ci = p.index_of("c").unwrap();
+    let inputs = meduet_engine::plan::gather_inputs(&p, &store, ci, &objects)
+        .unwrap()
+        .unwrap();
+    let prepared = meduet_engine::exec::prepare(&p.stages[ci], &store, inputs).unwrap();
+    let spec = meduet_engine::spec::ExecSpec::from_prepared(
+        &p.name,
+        &prepared,
+        &p.stages[ci].resources,
+        false,
+        vec![],
+        vec![],
+    );
+    let path = spec.write(&store).unwrap();
+    assert!(path.starts_with(store.root().join("specs")));
+    let back = meduet_engine::spec::ExecSpec::read(&path).unwrap();
+    assert_eq!(back, spec);
+    let prep2 = back.to_prepared(&store, &registry()).unwrap();
+    let ex1 =
+        meduet_engine::exec::execute(&env, &prep2, meduet_engine::Device::Cpu, 1, false).unwrap();
+    assert!(ex1.computed);
+    let ex2 =
+        meduet_engine::exec::execute(&env, &prep2, meduet_engine::Device::Cpu, 1, false).unwrap();
+    assert!(
+        !ex2.computed,
+        "the second execution finds the object and exits"
+    );
+    assert_eq!(ex1.object.key(), ex2.object.key());
+}
+
+fn err(pr: &Project, text: &str) -> String {
+    pr.write("bad.toml", text);
+    pr.load("bad.toml").unwrap_err().to_string()
+}
+
+#[test]
+fn validation_errors_name_problem_and_location() {
+    let pr = Project::new();
+    // TOML syntax: file, line and column.
+    let e = err(&pr, "[stages.a]\nkind = \"text\"\ntext = \"unterminated\n");
+    assert!(
+        e.contains("bad.toml:3:") && e.contains("TOML syntax error"),
+        "{e}"
+    );
+    // Unknown kind, with the known kinds listed.
+    let e = err(&pr, "[stages.a]\nkind = \"txet\"\n");
+    assert!(
+        e.contains("bad.toml:2:")
+            && e.contains("unknown stage kind 'txet'")
+            && e.contains("known kinds: concat, fail"),
+        "{e}"
+    );
+    // Unknown parameter.
+    let e = err(&pr, "[stages.a]\nkind = \"text\"\ntxet = \"x\"\n");
+    assert!(
+        e.contains("bad.toml:3:")
+            && e.contains("parameter 'txet'")
+            && e.contains("unknown field `txet`")
+            && e.contains("expected `text` or `delay_ms`"),
+        "{e}"
+    );
+    // Mistyped parameter, with the expected type.
+    let e = err(&pr, "[stages.a]\nkind = \"text\"\ndelay_ms = \"soon\"\n");
+    assert!(
+        e.contains("bad.toml:3:")
+            && e.contains("parameter 'delay_ms'")
+            && e.contains("expected u64"),
+        "{e}"
+    );
+    // Reference to a stage that does not exist.
+    let e = err(
+        &pr,
+        "[stages.t]\nkind = \"transform\"\ninputs = { text = \"nope.text\" }\n",
+    );
+    assert!(
+        e.contains("bad.toml:3:")
+            && e.contains("input 'text'")
+            && e.contains("no stage named 'nope'"),
+        "{e}"
+    );
+    // Reference to an output that does not exist.
+    let e = err(&pr, "[stages.a]\nkind = \"text\"\n[stages.t]\nkind = \"transform\"\ninputs = { text = \"a.txt\" }\n");
+    assert!(
+        e.contains("has no output 'txt'") && e.contains("outputs: text"),
+        "{e}"
+    );
+    // An output of the wrong type.
+    let e = err(&pr, "[stages.a]\nkind = \"text\"\n[stages.s]\nkind = \"split_lines\"\ninputs = { text = \"a.text\" }\n[stages.t]\nkind = \"transform\"\ninputs = { text = \"s.lines\" }\n");
+    assert!(e.contains("'s.lines' is a collection of lines but input 'text' of kind 'transform' expects a text"), "{e}");
+    // A cycle, naming its stages.
+    let e = err(&pr, "[stages.x]\nkind = \"transform\"\ninputs = { text = \"y.text\" }\n[stages.y]\nkind = \"transform\"\ninputs = { text = \"x.text\" }\n");
+    assert!(e.contains("cycle: x -> y -> x"), "{e}");
+    // A missing input file.
+    let e = err(
+        &pr,
+        "[stages.f]\nkind = \"list_files\"\npath = \"no/such/folder\"\n",
+    );
+    assert!(
+        e.contains("bad.toml:3:")
+            && e.contains("parameter 'path'")
+            && e.contains("'no/such/folder' does not exist"),
+        "{e}"
+    );
+    // A required input not wired.
+    let e = err(&pr, "[stages.t]\nkind = \"transform\"\n");
+    assert!(
+        e.contains("input 'text': required input is not wired"),
+        "{e}"
+    );
+    // Unknown resource key and bad device.
+    let e = err(
+        &pr,
+        "[stages.a]\nkind = \"text\"\nresources = { device = \"tpu\" }\n",
+    );
+    assert!(
+        e.contains("resources.device") && e.contains("invalid device 'tpu'"),
+        "{e}"
+    );
+    // A missing include.
+    let e = err(&pr, "include = [\"missing.toml\"]\n");
+    assert!(
+        e.contains("included file 'missing.toml' does not exist"),
+        "{e}"
+    );
+    // Absolute paths never enter keys.
+    let e = err(&pr, "[stages.a]\nkind = \"text\"\ntext = \"/etc/passwd\"\n");
+    assert!(e.contains("absolute path '/etc/passwd'"), "{e}");
+}
+
+#[test]
+fn validation_touches_no_cache() {
+    let pr = Project::new();
+    err(&pr, "[stages.a]\nkind = \"txet\"\n");
+    assert!(!pr.path(".meduet").exists());
+    assert!(!Path::new(&pr.path("bad.toml"))
+        .with_file_name(".meduet")
+        .exists());
+}
+
+#[test]
+fn cancelled_run_commits_nothing() {
+    let pr = Project::new();
+    pr.write(
+        "p.toml",
+        "[stages.slow]\nkind = \"text\"\ntext = \"abcdef\"\ndelay_ms = 5000\n",
+    );
+    let p = pr.load("p.toml").unwrap();
+    let store = Store::open(&p.cache_dir).unwrap();
+    let env = ExecEnv::new(store.clone());
+    let cancel = env.cancel.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        cancel.cancel();
+    });
+    let t0 = std::time::Instant::now();
+    let e = run(&p, &env, &RunOptions::default()).unwrap_err();
+    assert!(matches!(e, meduet_engine::EngineError::Cancelled), "{e}");
+    assert!(t0.elapsed().as_secs() < 4);
+    assert!(store.object_keys().unwrap().is_empty());
+    assert!(std::fs::read_dir(store.root().join("tmp"))
+        .unwrap()
+        .next()
+        .is_none());
+    assert!(std::fs::read_dir(store.root().join("leases"))
+        .unwrap()
+        .next()
+        .is_none());
+    // A failed run record is kept.
+    let runs: Vec<_> = std::fs::read_dir(store.root().join("runs"))
+        .unwrap()
+        .collect();
+    assert_eq!(runs.len(), 1);
+}
