@@ -1,5 +1,25 @@
+//! The `meduet` command line.
+
+mod cli;
+mod commands;
+mod logging;
+
+use clap::Parser;
+
 fn main() {
-    println!("torch threads {}", tch::get_num_threads());
-    println!("cuda {}", tch::Cuda::is_available());
-    println!("kinds {:?}", meduet_stages::registry().names());
+    let args = cli::Cli::parse();
+    let multi = logging::init(args.verbose, args.quiet);
+    let code = match commands::dispatch(args, multi) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            match e.downcast_ref::<meduet_engine::EngineError>() {
+                Some(meduet_engine::EngineError::Pipeline(_)) => 2,
+                Some(meduet_engine::EngineError::Cancelled) => 130,
+                _ if e.downcast_ref::<meduet_engine::PipelineError>().is_some() => 2,
+                _ => 1,
+            }
+        }
+    };
+    std::process::exit(code);
 }

@@ -72,6 +72,18 @@ pub struct Prepared {
     /// Content digest -> path of every file the stage's ancestors saw: their source
     /// files and the files of their objects (see [`StageContext::locate`]).
     pub locator: Arc<Locator>,
+    /// What the locator was built from (ancestor source paths, ancestor object keys), so
+    /// an exec spec can rebuild it.
+    pub locator_roots: (Vec<PathBuf>, Vec<StageKey>),
+}
+
+impl Prepared {
+    pub fn locator_source_paths(&self) -> Vec<PathBuf> {
+        self.locator_roots.0.clone()
+    }
+    pub fn locator_object_keys(&self) -> Vec<StageKey> {
+        self.locator_roots.1.clone()
+    }
 }
 
 /// Finds files by content digest (so that items can refer to source files by content,
@@ -205,6 +217,7 @@ pub fn prepare(
         sources,
         inputs,
         locator: Arc::new(Locator::new()),
+        locator_roots: Default::default(),
     })
 }
 
@@ -344,7 +357,7 @@ fn compute_object(
     let scratch = store.root().join("scratch").join(key.to_hex());
     let item_id = item.as_ref().map(|i| i.id.clone());
     let mut ctx = new_context(c, staging.dir().to_path_buf(), scratch, item);
-    tracing::info!(key = %key.short(), "computing {holder} ({} v{}) on {} with {} thread(s)", c.p.kind.kind(), c.p.kind.version(), c.device, c.threads);
+    tracing::debug!(key = %key.short(), "computing {holder} ({} v{}) on {} with {} thread(s)", c.p.kind.kind(), c.p.kind.version(), c.device, c.threads);
     let result = body(&mut ctx)
         .and_then(|_| finish(&mut ctx, staging.dir()))
         .and_then(|_| check_sources_unchanged(c.p, store));

@@ -121,6 +121,44 @@ pub fn plan(
     selected: &[usize],
     force: &[String],
 ) -> Result<Vec<PlannedStage>, EngineError> {
+    plan_with(pipeline, store, selected, force, &mut |_, _| Ok(()))
+}
+
+/// Writes an execution spec for every stage that will run and whose inputs all exist
+/// (what a cluster executor submits first). Returns `(stage, spec path)`.
+pub fn write_ready_specs(
+    pipeline: &Pipeline,
+    store: &Store,
+    selected: &[usize],
+    force: &[String],
+) -> Result<Vec<(String, std::path::PathBuf)>, EngineError> {
+    let mut out = Vec::new();
+    plan_with(pipeline, store, selected, force, &mut |i, p| {
+        let def = &pipeline.stages[i];
+        let spec = crate::spec::ExecSpec::from_prepared(
+            &pipeline.name,
+            p,
+            &def.resources,
+            force.contains(&def.name),
+            p.locator_source_paths(),
+            p.locator_object_keys(),
+        );
+        out.push((def.name.clone(), spec.write(store)?));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+type ReadyHook<'a> = dyn FnMut(usize, &Prepared) -> Result<(), EngineError> + 'a;
+
+fn plan_with(
+    pipeline: &Pipeline,
+    store: &Store,
+    selected: &[usize],
+    force: &[String],
+    on_ready: &mut ReadyHook<'_>,
+) -> Result<Vec<PlannedStage>, EngineError> {
+    let mut prepared_all: HashMap<usize, Prepared> = HashMap::new();
     let history = load_history(store, pipeline);
     let mut objects: HashMap<usize, Object> = HashMap::new();
     let mut out = Vec::new();
@@ -132,8 +170,8 @@ pub fn plan(
         let forced = force.contains(&def.name);
         let status = match gather_inputs(pipeline, store, i, &objects)? {
             Some(inputs) => {
-                let p = prepare(def, store, inputs)?;
-                match store.load(&p.key)? {
+                let mut p = prepare(def, store, inputs)?;
+                let status = match store.load(&p.key)? {
                     Some(obj) if !forced => {
                         objects.insert(i, obj);
                         StageStatus::Cached { key: p.key }
@@ -144,13 +182,24 @@ pub fn plan(
                         } else {
                             explain(old, &p.fingerprint, &input_sources(pipeline, i))
                         };
+                        p.locator = std::sync::Arc::new(crate::scheduler::locator_for(
+                            pipeline,
+                            i,
+                            &prepared_all,
+                            &objects,
+                        ));
+                        p.locator_roots =
+                            crate::scheduler::locator_roots(pipeline, i, &prepared_all, &objects);
+                        on_ready(i, &p)?;
                         StageStatus::WillRun {
                             key: Some(p.key),
                             reasons,
                             items: item_counts(store, &p),
                         }
                     }
-                }
+                };
+                prepared_all.insert(i, p);
+                status
             }
             None => {
                 let pending: Vec<String> = pipeline

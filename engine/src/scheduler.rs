@@ -300,6 +300,7 @@ pub fn run(
                 running += 1;
                 let mut p = prepared[&i].clone();
                 p.locator = std::sync::Arc::new(locator_for(pipeline, i, &prepared, &objects));
+                p.locator_roots = locator_roots(pipeline, i, &prepared, &objects);
                 let env2 = env.clone();
                 let tx2 = tx.clone();
                 let forced = opts.force.contains(&def.name);
@@ -439,6 +440,28 @@ pub fn locator_for(
             .filter(|&&a| a != i)
             .filter_map(|a| objects.get(a)),
     )
+}
+
+/// What [`locator_for`] is built from: ancestor source paths and ancestor object keys.
+pub fn locator_roots(
+    pipeline: &Pipeline,
+    i: usize,
+    prepared: &HashMap<usize, Prepared>,
+    objects: &HashMap<usize, Object>,
+) -> (Vec<std::path::PathBuf>, Vec<StageKey>) {
+    let anc = pipeline.ancestors_of(i);
+    let sources = anc
+        .iter()
+        .filter_map(|a| prepared.get(a))
+        .flat_map(|p| p.sources.keys().cloned())
+        .collect();
+    let keys = anc
+        .iter()
+        .filter(|&&a| a != i)
+        .filter_map(|a| objects.get(a))
+        .map(|o| o.key())
+        .collect();
+    (sources, keys)
 }
 
 /// Records the fingerprints and keys of this run (for `plan`'s explanations and as gc roots).

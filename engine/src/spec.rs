@@ -212,6 +212,7 @@ impl ExecSpec {
             sources,
             inputs,
             locator,
+            locator_roots: (self.locator_sources.clone(), self.locator_objects.clone()),
         };
         if p.fingerprint.key() != self.key {
             return Err(EngineError::Other(
