@@ -120,6 +120,13 @@ pub enum Command {
         #[command(flatten)]
         cache: CacheArg,
     },
+    /// Print the blake3 content digest of files or folders (as sources enter keys), using
+    /// the cache's digest memo when a cache is given.
+    Hash {
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        cache: CacheArg,
+    },
     /// List stage kinds, or describe one (inputs, outputs, default parameters).
     Kinds { kind: Option<String> },
     /// Execute one stage from a spec written by the planner (what cluster jobs run).

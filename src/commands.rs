@@ -332,6 +332,31 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             doctor(&pipeline, &cache, &registry)?;
             Ok(0)
         }
+        Command::Hash { paths, cache } => {
+            let memo = match &cache.cache {
+                Some(c) => Some(open_store(c)?.memo()),
+                None => None,
+            };
+            for path in paths {
+                let digest = if path.is_dir() {
+                    meduet_cache::hash_tree(&path, memo.as_ref())
+                        .with_context(|| format!("cannot hash '{}'", path.display()))?
+                        .1
+                } else {
+                    match &memo {
+                        Some(m) => {
+                            m.digest(&path)
+                                .with_context(|| format!("cannot hash '{}'", path.display()))?
+                                .0
+                        }
+                        None => meduet_cache::hash_file(&path)
+                            .with_context(|| format!("cannot hash '{}'", path.display()))?,
+                    }
+                };
+                println!("{digest}  {}", path.display());
+            }
+            Ok(0)
+        }
         Command::Kinds { kind } => {
             kinds(&registry, kind.as_deref())?;
             Ok(0)

@@ -29,13 +29,14 @@ pub mod scheduler;
 pub mod spec;
 pub mod stage;
 pub mod utility;
+pub mod worker;
 
 pub use collection::Item;
 pub use error::{EngineError, PipelineError, StageError};
 pub use exec::{ExecEnv, Prepared};
 pub use params::{SourcePath, SourceTree};
 pub use pipeline::{Pipeline, StageDef};
-pub use registry::{DynStage, Registry};
+pub use registry::{DynStage, Implementation, Registry};
 pub use resources::{Device, DeviceRequest, Resources};
 pub use scheduler::{run, Outcome, RunOptions, RunSummary};
 pub use stage::{

@@ -21,6 +21,8 @@ pub trait DynStage: Send + Sync {
     /// `(parameter path, message)`.
     fn resolve_params(&self, raw: toml::Table) -> Result<serde_json::Value, (String, String)>;
     fn seed(&self, params: &serde_json::Value) -> Option<u64>;
+    /// The worker binary that must run this kind, or `None` when this process can.
+    fn worker(&self) -> Option<&'static str>;
     fn run(&self, params: &serde_json::Value, ctx: &mut StageContext) -> Result<(), StageError>;
     fn run_item(
         &self,
@@ -29,7 +31,42 @@ pub trait DynStage: Send + Sync {
     ) -> Result<(), StageError>;
 }
 
-struct Typed<S>(S);
+/// A typed implementation supplied apart from the kind's declaration.
+pub type RunFn<S> = Box<
+    dyn Fn(&S, &<S as Stage>::Params, &mut StageContext) -> Result<(), StageError> + Send + Sync,
+>;
+
+/// The implementation of a kind whose declaration says it runs in a worker.
+pub struct Implementation<S: Stage> {
+    pub run: Option<RunFn<S>>,
+    pub run_item: Option<RunFn<S>>,
+}
+
+impl<S: Stage> Implementation<S> {
+    /// A whole-stage implementation.
+    pub fn run(
+        f: impl Fn(&S, &S::Params, &mut StageContext) -> Result<(), StageError> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            run: Some(Box::new(f)),
+            run_item: None,
+        }
+    }
+    /// A per-item implementation (fan-out kinds).
+    pub fn run_item(
+        f: impl Fn(&S, &S::Params, &mut StageContext) -> Result<(), StageError> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            run: None,
+            run_item: Some(Box::new(f)),
+        }
+    }
+}
+
+struct Typed<S: Stage> {
+    stage: S,
+    implementation: Option<Implementation<S>>,
+}
 
 fn parse<S: Stage>(params: &serde_json::Value) -> Result<S::Params, StageError> {
     serde_json::from_value(params.clone())
@@ -47,19 +84,19 @@ impl<S: Stage> DynStage for Typed<S> {
         S::ABOUT
     }
     fn inputs(&self) -> Vec<InputSpec> {
-        self.0.inputs()
+        self.stage.inputs()
     }
     fn outputs(&self) -> Vec<OutputSpec> {
-        self.0.outputs()
+        self.stage.outputs()
     }
     fn default_resources(&self) -> Resources {
-        self.0.default_resources()
+        self.stage.default_resources()
     }
     fn map_over(&self) -> Option<&'static str> {
-        self.0.map_over()
+        self.stage.map_over()
     }
     fn parallel_items(&self) -> bool {
-        self.0.parallel_items()
+        self.stage.parallel_items()
     }
     fn resolve_params(&self, raw: toml::Table) -> Result<serde_json::Value, (String, String)> {
         let typed: S::Params =
@@ -68,7 +105,7 @@ impl<S: Stage> DynStage for Typed<S> {
                 let path = if path == "." { String::new() } else { path };
                 (path, e.into_inner().message().to_string())
             })?;
-        self.0.validate(&typed).map_err(|m| {
+        self.stage.validate(&typed).map_err(|m| {
             // Validation messages start with the parameter name when they concern one.
             let param = m.split(':').next().unwrap_or("").trim().to_string();
             if param.contains(' ') {
@@ -85,11 +122,17 @@ impl<S: Stage> DynStage for Typed<S> {
         serde_json::to_value(&typed).map_err(|e| (String::new(), e.to_string()))
     }
     fn seed(&self, params: &serde_json::Value) -> Option<u64> {
-        parse::<S>(params).ok().and_then(|p| self.0.seed(&p))
+        parse::<S>(params).ok().and_then(|p| self.stage.seed(&p))
+    }
+    fn worker(&self) -> Option<&'static str> {
+        match (self.stage.runtime(), &self.implementation) {
+            (crate::stage::Runtime::Worker(name), None) => Some(name),
+            _ => None,
+        }
     }
     fn run(&self, params: &serde_json::Value, ctx: &mut StageContext) -> Result<(), StageError> {
         let p = parse::<S>(params)?;
-        self.0.run(&p, ctx)
+        self.stage.run(&p, ctx)
     }
     fn run_item(
         &self,
@@ -97,7 +140,7 @@ impl<S: Stage> DynStage for Typed<S> {
         ctx: &mut StageContext,
     ) -> Result<(), StageError> {
         let p = parse::<S>(params)?;
-        self.0.run_item(&p, ctx)
+        self.stage.run_item(&p, ctx)
     }
 }
 
@@ -114,8 +157,31 @@ impl Registry {
 
     /// Adds a kind. Panics if the name is taken (a programming error).
     pub fn register<S: Stage>(&mut self, stage: S) -> &mut Self {
-        let prev = self.kinds.insert(S::KIND, Arc::new(Typed(stage)));
+        let prev = self.kinds.insert(
+            S::KIND,
+            Arc::new(Typed {
+                stage,
+                implementation: None,
+            }),
+        );
         assert!(prev.is_none(), "stage kind '{}' registered twice", S::KIND);
+        self
+    }
+
+    /// Supplies the implementation of a kind declared with a worker runtime (the worker
+    /// binary calls this for the kinds it runs). Replaces the declaration-only entry.
+    pub fn implement<S: Stage>(
+        &mut self,
+        stage: S,
+        implementation: Implementation<S>,
+    ) -> &mut Self {
+        self.kinds.insert(
+            S::KIND,
+            Arc::new(Typed {
+                stage,
+                implementation: Some(implementation),
+            }),
+        );
         self
     }
 

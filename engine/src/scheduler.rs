@@ -304,6 +304,8 @@ pub fn run(
                 let env2 = env.clone();
                 let tx2 = tx.clone();
                 let forced = opts.force.contains(&def.name);
+                let pname = pipeline.name.clone();
+                let resources = def.resources.clone();
                 tracing::info!(
                     "▶ {:<24} {} on {device} x{threads}",
                     def.name,
@@ -312,7 +314,12 @@ pub fn run(
                 std::thread::Builder::new()
                     .name(format!("stage-{}", def.name))
                     .spawn(move || {
-                        let result = execute(&env2, &p, device, threads, forced);
+                        let result = match p.kind.worker() {
+                            None => execute(&env2, &p, device, threads, forced),
+                            Some(w) => crate::worker::execute_in_worker(
+                                &env2, &pname, &p, &resources, device, threads, forced, w,
+                            ),
+                        };
                         let _ = tx2.send(Message::Finished {
                             stage: i,
                             device,

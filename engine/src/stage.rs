@@ -86,6 +86,18 @@ pub struct OutputSpec {
     pub doc: &'static str,
 }
 
+/// Where a stage kind's code runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    /// In the process that schedules it.
+    InProcess,
+    /// In a worker binary (found next to the running executable, or through the
+    /// environment variable `MEDUET_<NAME>_BIN`, e.g. `MEDUET_TORCH_BIN`), which runs
+    /// `exec-stage --spec` and registers the kind's implementation with
+    /// [`crate::Registry::implement`].
+    Worker(&'static str),
+}
+
 /// A stage kind with typed parameters.
 pub trait Stage: Send + Sync + 'static {
     /// Parameters, as written in the pipeline file. Use `#[serde(deny_unknown_fields,
@@ -130,6 +142,14 @@ pub trait Stage: Send + Sync + 'static {
     /// (true for pure-CPU kernels; false for kinds that use all threads per item).
     fn parallel_items(&self) -> bool {
         false
+    }
+
+    /// Where the kind's code runs. Kinds that need libtorch run in the `meduet-torch`
+    /// worker process (loading libtorch costs about half a second and 500 MB, which the
+    /// planner and pure-Rust stages should not pay); the kind is still declared here, so
+    /// pipelines validate and plan without it.
+    fn runtime(&self) -> Runtime {
+        Runtime::InProcess
     }
 
     /// Computes the stage's outputs into `ctx.output_dir(..)`.
