@@ -8,6 +8,7 @@ pub mod data;
 pub mod kinds;
 pub mod models;
 pub mod plot;
+pub mod sampling;
 pub mod testing;
 pub mod torch;
 pub mod train;
