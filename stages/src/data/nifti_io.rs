@@ -1,0 +1,650 @@
+//! Reading and writing NIfTI-1 files (`.nii`, `.nii.gz`) with the `nifti` crate.
+//!
+//! # Reading
+//!
+//! - The whole file is read and, when it starts with the gzip magic bytes, decompressed
+//!   completely (multi-member streams accepted), so a truncated or corrupt `.nii.gz` is
+//!   reported as such (the CRC and length of the gzip trailer are checked).
+//! - Byte order comes from the header (big-endian files are swapped by the crate).
+//! - Values are converted to `f32` with `scl_slope`/`scl_inter` applied (slope 0 means "no
+//!   scaling", as in the NIfTI standard).
+//! - The affine is chosen as nibabel's `get_best_affine` does for the codes: the sform when
+//!   `sform_code > 0`, else the qform (quaternion, `qfac` from `pixdim[0]`) when
+//!   `qform_code > 0`, else NIfTI "method 1": `diag(pixdim)` with a zero origin.
+//! - Checked, with an error naming the file and the problem: gzip integrity, magic, a 2D
+//!   image, a 4D image with more than one volume (a trailing `t = 1` is fine), NaN or Inf
+//!   voxels, zero or negative spacing, a singular affine, unsupported data types.
+//!
+//! # Writing
+//!
+//! [`write_nifti`] writes the affine to *both* the sform and the qform (code 1, scanner),
+//! with `pixdim` = the column norms and units = mm, so nibabel, ITK and MONAI read the same
+//! affine back (to `f32` precision). `.nii.gz` output is deterministic (gzip mtime 0).
+
+use std::io::{Cursor, Read};
+use std::path::Path;
+
+use nifti::{InMemNiftiVolume, IntoNdArray, NiftiHeader, NiftiType, XForm};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::data::error::DataError;
+use crate::data::orientation::axcodes;
+use crate::data::volume::{format_affine, invert_affine, spacing_of, Affine, LabelVolume, Volume};
+
+/// Header facts of a NIfTI file, recorded by `ingest`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NiftiInfo {
+    /// Data type on disk, e.g. `"int16"`.
+    pub datatype: String,
+    /// The first three dimensions.
+    pub shape: [usize; 3],
+    /// `dim[1..=dim[0]]` as stored.
+    pub dim: Vec<usize>,
+    /// `pixdim[1..=3]`.
+    pub pixdim: [f64; 3],
+    /// Spacing from the chosen affine (column norms).
+    pub spacing: [f64; 3],
+    pub scl_slope: f64,
+    pub scl_inter: f64,
+    pub sform_code: i16,
+    pub qform_code: i16,
+    /// Where the affine came from: `"sform"`, `"qform"` or `"pixdim"`.
+    pub affine_source: String,
+    /// The affine (voxel centre to RAS+ mm).
+    pub affine: Affine,
+    /// Orientation code of the affine, e.g. `"LPS"`.
+    pub orientation: String,
+    pub big_endian: bool,
+    pub gzip: bool,
+}
+
+/// The data types [`write_nifti`] can store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NiftiDtype {
+    Uint8,
+    Int16,
+    Float32,
+}
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+fn datatype_name(t: NiftiType) -> String {
+    match t {
+        NiftiType::Uint8 => "uint8".into(),
+        NiftiType::Int8 => "int8".into(),
+        NiftiType::Uint16 => "uint16".into(),
+        NiftiType::Int16 => "int16".into(),
+        NiftiType::Uint32 => "uint32".into(),
+        NiftiType::Int32 => "int32".into(),
+        NiftiType::Uint64 => "uint64".into(),
+        NiftiType::Int64 => "int64".into(),
+        NiftiType::Float32 => "float32".into(),
+        NiftiType::Float64 => "float64".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// Reads the file's bytes, decompressing gzip completely.
+fn read_bytes(path: &Path) -> Result<(Vec<u8>, bool), DataError> {
+    let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    if raw.len() >= 2 && raw[..2] == GZIP_MAGIC {
+        let mut out = Vec::with_capacity(raw.len() * 3);
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| DataError::Gzip {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        Ok((out, true))
+    } else {
+        let name = path.to_string_lossy();
+        if name.ends_with(".gz") {
+            return Err(DataError::Gzip {
+                path: path.to_path_buf(),
+                message: "the file does not start with the gzip magic bytes".into(),
+            });
+        }
+        Ok((raw, false))
+    }
+}
+
+/// The rotation of a NIfTI quaternion `(b, c, d)`, as in `nifti1_io.c`.
+fn quaternion_matrix(b: f64, c: f64, d: f64) -> [[f64; 3]; 3] {
+    let (mut a, mut b, mut c, mut d) = (1.0 - (b * b + c * c + d * d), b, c, d);
+    if a < 1e-7 {
+        let n = 1.0 / (b * b + c * c + d * d).sqrt();
+        b *= n;
+        c *= n;
+        d *= n;
+        a = 0.0;
+    } else {
+        a = a.sqrt();
+    }
+    [
+        [
+            a * a + b * b - c * c - d * d,
+            2.0 * (b * c - a * d),
+            2.0 * (b * d + a * c),
+        ],
+        [
+            2.0 * (b * c + a * d),
+            a * a + c * c - b * b - d * d,
+            2.0 * (c * d - a * b),
+        ],
+        [
+            2.0 * (b * d - a * c),
+            2.0 * (c * d + a * b),
+            a * a + d * d - c * c - b * b,
+        ],
+    ]
+}
+
+/// The affine a header describes, and where it came from.
+pub fn header_affine(h: &NiftiHeader) -> (Affine, &'static str) {
+    let mut a = crate::data::volume::IDENTITY;
+    if h.sform_code > 0 {
+        for (r, row) in [h.srow_x, h.srow_y, h.srow_z].iter().enumerate() {
+            for c in 0..4 {
+                a[r][c] = row[c] as f64;
+            }
+        }
+        (a, "sform")
+    } else if h.qform_code > 0 {
+        let rot = quaternion_matrix(h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64);
+        let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
+        let s = [
+            h.pixdim[1] as f64,
+            h.pixdim[2] as f64,
+            h.pixdim[3] as f64 * qfac,
+        ];
+        for r in 0..3 {
+            for c in 0..3 {
+                a[r][c] = rot[r][c] * s[c];
+            }
+        }
+        a[0][3] = h.quatern_x as f64;
+        a[1][3] = h.quatern_y as f64;
+        a[2][3] = h.quatern_z as f64;
+        (a, "qform")
+    } else {
+        for (c, row) in a.iter_mut().take(3).enumerate() {
+            row[c] = h.pixdim[c + 1] as f64;
+        }
+        (a, "pixdim")
+    }
+}
+
+/// Parses and checks the header; returns it with the voxel bytes and the facts.
+fn parse(path: &Path) -> Result<(NiftiHeader, Vec<u8>, NiftiInfo), DataError> {
+    let (bytes, gzip) = read_bytes(path)?;
+    let fmt = |message: String| DataError::Format {
+        path: path.to_path_buf(),
+        message,
+    };
+    if bytes.len() < 348 {
+        return Err(fmt(format!(
+            "file is too short for a header ({} bytes, need 348)",
+            bytes.len()
+        )));
+    }
+    let sizeof_hdr = i32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
+    if sizeof_hdr == 540 || sizeof_hdr.swap_bytes() == 540 {
+        return Err(fmt("NIfTI-2 files are not supported".into()));
+    }
+    let header = NiftiHeader::from_reader(Cursor::new(&bytes[..]))
+        .map_err(|e| fmt(format!("cannot parse the header: {e}")))?;
+    let ndim = header.dim[0] as usize;
+    let dim: Vec<usize> = header.dim[1..=ndim.min(7)]
+        .iter()
+        .map(|&d| d as usize)
+        .collect();
+    if ndim < 3 || dim[..3].iter().any(|&d| d < 2) {
+        return Err(DataError::NotVolume {
+            path: path.to_path_buf(),
+            dim,
+        });
+    }
+    let volumes: usize = dim[3..].iter().product();
+    if volumes != 1 {
+        return Err(DataError::MultiVolume {
+            path: path.to_path_buf(),
+            volumes,
+            dim,
+        });
+    }
+    let pixdim = [
+        header.pixdim[1] as f64,
+        header.pixdim[2] as f64,
+        header.pixdim[3] as f64,
+    ];
+    if pixdim
+        .iter()
+        .any(|&p| p.is_nan() || p <= 0.0 || p.is_infinite())
+    {
+        return Err(DataError::BadSpacing {
+            path: path.to_path_buf(),
+            pixdim: [header.pixdim[1], header.pixdim[2], header.pixdim[3]],
+        });
+    }
+    let (affine, source) = header_affine(&header);
+    if invert_affine(&affine).is_none() || affine.iter().flatten().any(|x| !x.is_finite()) {
+        return Err(DataError::BadAffine {
+            path: path.to_path_buf(),
+            affine: format_affine(&affine),
+        });
+    }
+    let datatype = header.data_type().map_err(|e| DataError::Unsupported {
+        path: path.to_path_buf(),
+        datatype: format!("code {} ({e})", header.datatype),
+    })?;
+    let offset = header.vox_offset.max(0.0) as usize;
+    let n: usize = dim[..3].iter().product();
+    let need = n * datatype.size_of();
+    if bytes.len() < offset + need {
+        return Err(fmt(format!(
+            "file is truncated: {need} bytes of voxel data expected after offset {offset}, found {}",
+            bytes.len().saturating_sub(offset)
+        )));
+    }
+    let info = NiftiInfo {
+        datatype: datatype_name(datatype),
+        shape: [dim[0], dim[1], dim[2]],
+        dim,
+        pixdim,
+        spacing: spacing_of(&affine),
+        scl_slope: header.scl_slope as f64,
+        scl_inter: header.scl_inter as f64,
+        sform_code: header.sform_code,
+        qform_code: header.qform_code,
+        affine_source: source.into(),
+        affine,
+        orientation: axcodes(&affine),
+        big_endian: header.endianness == nifti::Endianness::Big,
+        gzip,
+    };
+    let voxels = bytes[offset..offset + need].to_vec();
+    Ok((header, voxels, info))
+}
+
+/// Transposes Fortran-order data (first index fastest) to C order (last index fastest).
+pub fn fortran_to_c<T: Copy + Send + Sync + Default>(src: &[T], shape: [usize; 3]) -> Vec<T> {
+    let [nx, ny, nz] = shape;
+    let mut out = vec![T::default(); src.len()];
+    const B: usize = 16;
+    out.par_chunks_mut(B * ny * nz)
+        .enumerate()
+        .for_each(|(bi, dst)| {
+            let i0 = bi * B;
+            let nb = dst.len() / (ny * nz);
+            for k in 0..nz {
+                for j in 0..ny {
+                    let s = (k * ny + j) * nx + i0;
+                    for (di, &x) in src[s..s + nb].iter().enumerate() {
+                        dst[(di * ny + j) * nz + k] = x;
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// Reads an image as `f32` (scaling applied) with its header facts. See the module docs
+/// for what is checked.
+pub fn read_nifti(path: &Path) -> Result<(Volume, NiftiInfo), DataError> {
+    let (mut header, voxels, info) = parse(path)?;
+    // The volume is 3D from here on (a trailing t = 1 dimension is dropped).
+    header.dim[0] = 3;
+    for d in &mut header.dim[4..] {
+        *d = 1;
+    }
+    let unsupported = |e: nifti::NiftiError| DataError::Unsupported {
+        path: path.to_path_buf(),
+        datatype: format!("{} ({e})", info.datatype),
+    };
+    if !matches!(
+        header.data_type(),
+        Ok(NiftiType::Uint8
+            | NiftiType::Int8
+            | NiftiType::Uint16
+            | NiftiType::Int16
+            | NiftiType::Uint32
+            | NiftiType::Int32
+            | NiftiType::Uint64
+            | NiftiType::Int64
+            | NiftiType::Float32
+            | NiftiType::Float64)
+    ) {
+        return Err(DataError::Unsupported {
+            path: path.to_path_buf(),
+            datatype: info.datatype.clone(),
+        });
+    }
+    let vol = InMemNiftiVolume::from_raw_data(&header, voxels).map_err(unsupported)?;
+    let arr = vol.into_ndarray::<f32>().map_err(unsupported)?;
+    let (fdata, _) = arr.into_raw_vec_and_offset();
+    let data = fortran_to_c(&fdata, info.shape);
+    drop(fdata);
+    let shape = info.shape;
+    let bad = data
+        .par_iter()
+        .enumerate()
+        .filter(|(_, x)| !x.is_finite())
+        .map(|(i, _)| i);
+    let count = bad.clone().count();
+    if count > 0 {
+        let i = bad.min().expect("count > 0");
+        return Err(DataError::NonFinite {
+            path: path.to_path_buf(),
+            count,
+            first: [
+                i / (shape[1] * shape[2]),
+                (i / shape[2]) % shape[1],
+                i % shape[2],
+            ],
+        });
+    }
+    Ok((
+        Volume {
+            data,
+            shape,
+            affine: info.affine,
+        },
+        info,
+    ))
+}
+
+/// Reads a label map: every value (after scaling) must be an integer in `0..=255`.
+pub fn read_nifti_labels(path: &Path) -> Result<(LabelVolume, NiftiInfo), DataError> {
+    let (v, info) = read_nifti(path)?;
+    if let Some((i, &x)) = v
+        .data
+        .par_iter()
+        .enumerate()
+        .find_first(|(_, &x)| !(0.0..=255.0).contains(&x) || x.fract() != 0.0)
+    {
+        let s = v.shape;
+        return Err(DataError::BadLabel {
+            path: path.to_path_buf(),
+            value: x,
+            at: [i / (s[1] * s[2]), (i / s[2]) % s[1], i % s[2]],
+        });
+    }
+    Ok((v.map(|x| x as u8), info))
+}
+
+/// The header used for writing: sform and qform from the affine, pixdim, units mm.
+fn write_header(affine: &Affine) -> NiftiHeader {
+    let mut m = nalgebra::Matrix4::<f64>::identity();
+    for r in 0..4 {
+        for c in 0..4 {
+            m[(r, c)] = affine[r][c];
+        }
+    }
+    let mut h = NiftiHeader::default();
+    h.set_sform(&m, XForm::ScannerAnat);
+    h.set_qform(&m, XForm::ScannerAnat);
+    h.xyzt_units = 2; // NIFTI_UNITS_MM
+    h.descrip = b"meduet".to_vec();
+    h
+}
+
+/// Writes voxel data of a concrete element type (the `nifti` writer's element bound is
+/// `bytemuck::Pod`, so this is a macro over the three types we write).
+macro_rules! write_array {
+    ($path:expr, $data:expr, $shape:expr, $affine:expr, $t:expr) => {{
+        let path: &Path = $path;
+        let header = write_header($affine);
+        let view = ndarray::ArrayView3::from_shape($shape, $data).map_err(|e| {
+            DataError::Invalid(format!("'{}': bad volume shape: {e}", path.display()))
+        })?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+        }
+        nifti::writer::WriterOptions::new(path)
+            .reference_header(&header)
+            .write_nifti_with_type(&view, $t)
+            .map_err(|e| match e {
+                nifti::NiftiError::Io(io) => DataError::io(path, io),
+                other => DataError::Invalid(format!("'{}': cannot write: {other}", path.display())),
+            })
+    }};
+}
+
+/// Writes an image (`.nii` or `.nii.gz` by the file name) with the given data type;
+/// `int16` and `uint8` values are rounded and clamped to the type's range.
+pub fn write_nifti(path: &Path, v: &Volume, dtype: NiftiDtype) -> Result<(), DataError> {
+    check_name(path)?;
+    match dtype {
+        NiftiDtype::Float32 => {
+            write_array!(path, &v.data[..], v.shape, &v.affine, NiftiType::Float32)
+        }
+        NiftiDtype::Int16 => {
+            let d: Vec<i16> = v
+                .data
+                .par_iter()
+                .map(|&x| x.round().clamp(i16::MIN as f32, i16::MAX as f32) as i16)
+                .collect();
+            write_array!(path, &d[..], v.shape, &v.affine, NiftiType::Int16)
+        }
+        NiftiDtype::Uint8 => {
+            let d: Vec<u8> = v
+                .data
+                .par_iter()
+                .map(|&x| x.round().clamp(0.0, 255.0) as u8)
+                .collect();
+            write_array!(path, &d[..], v.shape, &v.affine, NiftiType::Uint8)
+        }
+    }
+}
+
+/// Writes a label map as `uint8`.
+pub fn write_nifti_labels(path: &Path, v: &LabelVolume) -> Result<(), DataError> {
+    check_name(path)?;
+    write_array!(path, &v.data[..], v.shape, &v.affine, NiftiType::Uint8)
+}
+
+fn check_name(path: &Path) -> Result<(), DataError> {
+    if is_nifti_name(&path.to_string_lossy()) {
+        Ok(())
+    } else {
+        Err(DataError::Invalid(format!(
+            "'{}': a NIfTI file name must end in .nii or .nii.gz",
+            path.display()
+        )))
+    }
+}
+
+/// Whether a file name is a single-file NIfTI (`.nii` / `.nii.gz`).
+pub fn is_nifti_name(name: &str) -> bool {
+    name.ends_with(".nii") || name.ends_with(".nii.gz")
+}
+
+/// The case name of a NIfTI file name: without folder and extension.
+pub fn case_name(path: &str) -> String {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.strip_suffix(".nii.gz")
+        .or_else(|| base.strip_suffix(".nii"))
+        .unwrap_or(base)
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::volume::IDENTITY;
+
+    fn sample() -> Volume {
+        let shape = [5, 4, 3];
+        let mut affine = IDENTITY;
+        affine[0][0] = -0.7;
+        affine[1][1] = -0.8;
+        affine[2][2] = 2.5;
+        affine[0][3] = 10.0;
+        affine[2][3] = -20.0;
+        Volume {
+            data: (0..60).map(|x| x as f32 * 3.0 - 50.0).collect(),
+            shape,
+            affine,
+        }
+    }
+
+    fn patch(path: &Path, at: usize, bytes: &[u8]) {
+        let mut b = std::fs::read(path).unwrap();
+        b[at..at + bytes.len()].copy_from_slice(bytes);
+        std::fs::write(path, b).unwrap();
+    }
+
+    #[test]
+    fn round_trip_all_types_and_gzip() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = sample();
+        for (name, t) in [
+            ("a.nii", NiftiDtype::Int16),
+            ("b.nii.gz", NiftiDtype::Float32),
+            ("c.nii.gz", NiftiDtype::Uint8),
+        ] {
+            let p = dir.path().join(name);
+            write_nifti(&p, &v, t).unwrap();
+            let (back, info) = read_nifti(&p).unwrap();
+            assert_eq!(back.shape, v.shape);
+            for r in 0..4 {
+                for c in 0..4 {
+                    assert!(
+                        (back.affine[r][c] - v.affine[r][c]).abs() < 1e-6,
+                        "{back:?}"
+                    );
+                }
+            }
+            assert_eq!(info.orientation, "LPS");
+            assert_eq!(info.affine_source, "sform");
+            assert_eq!(info.gzip, name.ends_with(".gz"));
+            for (x, y) in back.data.iter().zip(&v.data) {
+                let want = if t == NiftiDtype::Uint8 {
+                    y.clamp(0.0, 255.0)
+                } else {
+                    *y
+                };
+                assert_eq!(*x, want);
+            }
+        }
+        // Same input, same bytes (gzip without a timestamp).
+        let (p1, p2) = (dir.path().join("x.nii.gz"), dir.path().join("y.nii.gz"));
+        write_nifti(&p1, &v, NiftiDtype::Int16).unwrap();
+        write_nifti(&p2, &v, NiftiDtype::Int16).unwrap();
+        assert_eq!(std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap());
+        // The qform alone gives the same affine.
+        let p = dir.path().join("q.nii");
+        write_nifti(&p, &v, NiftiDtype::Int16).unwrap();
+        patch(&p, 254, &0i16.to_le_bytes()); // sform_code = 0
+        let (back, info) = read_nifti(&p).unwrap();
+        assert_eq!(info.affine_source, "qform");
+        for r in 0..3 {
+            for c in 0..4 {
+                assert!((back.affine[r][c] - v.affine[r][c]).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn labels_must_be_small_integers() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.nii.gz");
+        let mut v = sample().map(|x| (x.abs() as u8 % 5) as f32);
+        write_nifti(&p, &v, NiftiDtype::Uint8).unwrap();
+        let (l, _) = read_nifti_labels(&p).unwrap();
+        assert_eq!(l.data[7], v.data[7] as u8);
+        v.data[7] = 2.5;
+        write_nifti(&p, &v, NiftiDtype::Float32).unwrap();
+        let e = read_nifti_labels(&p).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "l.nii.gz': label values must be integers in 0..=255, found 2.5 at voxel [0, 2, 1]"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_files_name_the_file_and_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = sample();
+        let good = dir.path().join("good.nii");
+        write_nifti(&good, &v, NiftiDtype::Int16).unwrap();
+        let err = |p: &Path| read_nifti(p).unwrap_err().to_string();
+
+        let gz = dir.path().join("trunc.nii.gz");
+        write_nifti(&gz, &v, NiftiDtype::Int16).unwrap();
+        let b = std::fs::read(&gz).unwrap();
+        std::fs::write(&gz, &b[..b.len() / 2]).unwrap();
+        let e = err(&gz);
+        assert!(
+            e.contains("trunc.nii.gz': truncated or corrupt gzip data"),
+            "{e}"
+        );
+
+        let fake = dir.path().join("fake.nii.gz");
+        std::fs::copy(&good, &fake).unwrap();
+        let e = err(&fake);
+        assert!(e.contains("fake.nii.gz': truncated or corrupt gzip data (the file does not start with the gzip magic bytes)"), "{e}");
+
+        let two = dir.path().join("twod.nii");
+        std::fs::copy(&good, &two).unwrap();
+        patch(&two, 40, &2u16.to_le_bytes());
+        let e = err(&two);
+        assert!(
+            e.contains("twod.nii': is a 2D image (dim = [5, 4]); a 3D volume is needed"),
+            "{e}"
+        );
+
+        let four = dir.path().join("four.nii");
+        std::fs::copy(&good, &four).unwrap();
+        patch(&four, 40, &4u16.to_le_bytes());
+        patch(&four, 48, &3u16.to_le_bytes());
+        let e = err(&four);
+        assert!(
+            e.contains("four.nii': is a 4D image with 3 volumes (dim = [5, 4, 3, 3])"),
+            "{e}"
+        );
+        patch(&four, 48, &1u16.to_le_bytes());
+        assert_eq!(
+            read_nifti(&four).unwrap().0.data,
+            read_nifti(&good).unwrap().0.data
+        );
+
+        let sp = dir.path().join("spacing.nii");
+        std::fs::copy(&good, &sp).unwrap();
+        patch(&sp, 84, &0f32.to_le_bytes()); // pixdim[2]
+        let e = err(&sp);
+        assert!(
+            e.contains("spacing.nii': zero or negative spacing (pixdim = [0.7"),
+            "{e}"
+        );
+        patch(&sp, 84, &(-0.8f32).to_le_bytes());
+        assert!(err(&sp).contains("zero or negative spacing"));
+
+        let nan = dir.path().join("nan.nii.gz");
+        let mut w = v.clone();
+        w.data[13] = f32::NAN;
+        w.data[40] = f32::INFINITY;
+        write_nifti(&nan, &w, NiftiDtype::Float32).unwrap();
+        let e = err(&nan);
+        assert!(
+            e.contains("nan.nii.gz': 2 voxel(s) are NaN or Inf (first at voxel [1, 0, 1])"),
+            "{e}"
+        );
+
+        let short = dir.path().join("short.nii");
+        let b = std::fs::read(&good).unwrap();
+        std::fs::write(&short, &b[..b.len() - 10]).unwrap();
+        let e = err(&short);
+        assert!(e.contains("short.nii': not a valid NIfTI-1 file: file is truncated: 120 bytes of voxel data expected after offset 352, found 110"), "{e}");
+
+        let junk = dir.path().join("junk.nii");
+        std::fs::write(&junk, vec![7u8; 400]).unwrap();
+        assert!(err(&junk).contains("junk.nii': not a valid NIfTI-1 file"));
+        let e = err(&dir.path().join("missing.nii"));
+        assert!(e.contains("missing.nii': No such file"), "{e}");
+    }
+}
