@@ -13,9 +13,11 @@
 //! - [`spec`]: self-contained execution specs for `meduet exec-stage`.
 //! - [`graph`], [`logging`], [`progress`], [`utility`].
 
+pub mod cli_logging;
 pub mod collection;
 pub mod error;
 pub mod exec;
+pub mod exec_stage;
 pub mod fingerprint;
 pub mod graph;
 pub mod logging;

@@ -37,7 +37,20 @@ pub struct RunOptions {
     /// CPU thread budget (0: all cores).
     pub threads: usize,
     /// CUDA device indices available to the run.
-    pub cuda_devices: Vec<usize>,
+    /// CUDA device indices available to the run; `None`: ask `device_probe` the first
+    /// time a stage that may use a GPU has to run (the probe may cost a worker start).
+    pub cuda_devices: Option<Vec<usize>>,
+    pub device_probe: Option<DeviceProbe>,
+}
+
+/// Lists the CUDA devices (called lazily).
+#[derive(Clone)]
+pub struct DeviceProbe(pub std::sync::Arc<dyn Fn() -> Vec<usize> + Send + Sync>);
+
+impl std::fmt::Debug for DeviceProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceProbe")
+    }
 }
 
 /// How one stage ended.
@@ -176,7 +189,8 @@ pub fn run(
         opts.threads
     };
     let mut free_threads = budget;
-    let mut free_devices: Vec<usize> = opts.cuda_devices.clone();
+    let mut all_devices: Option<Vec<usize>> = opts.cuda_devices.clone();
+    let mut free_devices: Vec<usize> = all_devices.clone().unwrap_or_default();
     let priority: Vec<usize> = (0..n).map(|i| pipeline.descendants_of(i).len()).collect();
 
     let mut state = vec![State::Waiting; n];
@@ -268,21 +282,31 @@ pub fn run(
                 } else {
                     def.resources.threads.min(budget)
                 };
-                let device =
-                    match assign_device(def.resources.device, &opts.cuda_devices, &free_devices) {
-                        Ok(Some(d)) => d,
-                        Ok(None) => continue,
-                        Err(m) => {
-                            state[i] = State::Failed;
-                            let message = format!("stage '{}' {m}", def.name);
-                            tracing::error!("✗ {message}");
-                            outcomes.insert(i, Outcome::Failed { message });
-                            stop |= !opts.keep_going;
-                            continue;
-                        }
-                    };
+                if def.resources.device != DeviceRequest::Cpu && all_devices.is_none() {
+                    let found = opts
+                        .device_probe
+                        .as_ref()
+                        .map(|p| (p.0)())
+                        .unwrap_or_default();
+                    free_devices = found.clone();
+                    all_devices = Some(found);
+                }
+                let devices_now = all_devices.clone().unwrap_or_default();
+                let device = match assign_device(def.resources.device, &devices_now, &free_devices)
+                {
+                    Ok(Some(d)) => d,
+                    Ok(None) => continue,
+                    Err(m) => {
+                        state[i] = State::Failed;
+                        let message = format!("stage '{}' {m}", def.name);
+                        tracing::error!("✗ {message}");
+                        outcomes.insert(i, Outcome::Failed { message });
+                        stop |= !opts.keep_going;
+                        continue;
+                    }
+                };
                 if def.resources.device == DeviceRequest::Auto
-                    && opts.cuda_devices.is_empty()
+                    && devices_now.is_empty()
                     && !auto_logged
                 {
                     tracing::info!("device = \"auto\": no CUDA device found, running on the CPU");
