@@ -13,15 +13,21 @@
 //! | [`preprocess`]  | the method's per-volume chain (method.md 1.1 steps 1-5)        |
 //! | [`zarr_store`]  | Zarr v3 volume store (zstd, chunked, attributes)                |
 //! | [`filters`]     | separable Gaussian filtering                                    |
-//! | [`phantom`]     | seeded multi-domain CT phantoms (anatomy x style)               |
+//! | [`phantom`]     | seeded phantom anatomy (content)                                |
+//! | [`phantom_style`] | domain styles (site, scanner, protocol)                       |
+//! | [`phantom_render`] | anatomy x style -> CT image, labels, truth                   |
 //! | [`export`]      | Zarr volume items back to NIfTI                                 |
 
 pub mod croppad;
 pub mod error;
+pub mod export;
 pub mod filters;
 pub mod intensity;
 pub mod nifti_io;
 pub mod orientation;
+pub mod phantom;
+pub mod phantom_render;
+pub mod phantom_style;
 pub mod preprocess;
 pub mod resample;
 pub mod volume;

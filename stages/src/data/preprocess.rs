@@ -165,6 +165,14 @@ pub fn preprocess(
     // 3. spacing
     let grid = target_grid(img.shape, &img.affine, cfg.spacing);
     let mut img = resample_linear(&img, &grid);
+    if cfg.clip && applied.is_some() {
+        // Interpolation is a convex combination, but f32 rounding can step an ulp outside.
+        let (lo, hi) = (
+            cfg.output_range[0].min(cfg.output_range[1]) as f32,
+            cfg.output_range[0].max(cfg.output_range[1]) as f32,
+        );
+        img.data.iter_mut().for_each(|x| *x = x.clamp(lo, hi));
+    }
     let mut lab = lab.map(|l| resample_nearest(&l, &grid));
     // 4. foreground
     let mut fg = None;
