@@ -287,7 +287,7 @@ impl Config {
                 ));
             }
         }
-        if !(self.mlp_ratio > 0.0) {
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
             return Err(invalid("mlp_ratio", self.mlp_ratio, "must be positive"));
         }
         if !(self.mask_ratio > 0.0 && self.mask_ratio < 1.0) {

@@ -90,7 +90,9 @@ impl Losses {
 
 /// Per-token squared distance averaged over the feature axis: `[n, L, c]` -> `[n, L]`.
 fn token_dist(a: &Tensor, b: &Tensor) -> Tensor {
-    (a - b).square().mean_dim(-1, false, None::<Kind>)
+    (a - b)
+        .pow_tensor_scalar(2)
+        .mean_dim(-1, false, None::<Kind>)
 }
 
 /// `sum(d * m) / sum(m)` over the whole batch.
@@ -121,14 +123,16 @@ pub fn supcon_qk_loss(q: &Tensor, k: &Tensor, labels: &Tensor, logit_scale: &Ten
     let q = l2norm(q);
     let k = l2norm(&k.detach());
     let scale = logit_scale.clamp(1e-3f64.ln(), 100f64.ln()).exp();
-    let sim = q.matmul(&k.tr()) * scale;
+    // f32 from here on, as PyTorch's promotion makes it under autocast in the authors' code
+    // (an f16 `1e9` would overflow to inf and turn the masked diagonal into NaN).
+    let sim = (q.matmul(&k.tr()) * scale).to_kind(Kind::Float);
     let n = sim.size()[0];
-    let eye = Tensor::eye(n, (sim.kind(), sim.device()));
+    let eye = Tensor::eye(n, (Kind::Float, sim.device()));
     let pos = labels
         .view([-1, 1])
         .eq_tensor(&labels.view([1, -1]))
         .logical_and(&eye.eq(0.0))
-        .to_kind(sim.kind());
+        .to_kind(Kind::Float);
     let sim = sim - &eye * 1e9;
     let log_prob = &sim - sim.logsumexp([1], true);
     let counts = pos.sum_dim_intlist(1, false, None::<Kind>).clamp_min(1e-6);
@@ -207,7 +211,7 @@ impl MeDuet {
             (&siqc, w.siqc),
         ] {
             if wt != 0.0 {
-                total = total + t * wt;
+                total = total.g_add(&(t * wt));
             }
         }
         Ok(Losses {
@@ -229,7 +233,9 @@ impl MeDuet {
     pub fn rec_loss(&self, x: &Tensor, xrec: &Tensor, masks: &Masks) -> Tensor {
         let target = self.patchify(x);
         if !self.cfg.demix {
-            let per_token = (xrec - &target).square().mean_dim(-1, false, None::<Kind>);
+            let per_token = (xrec - &target)
+                .pow_tensor_scalar(2)
+                .mean_dim(-1, false, None::<Kind>);
             return masked_mean(&per_token, masks.tensor());
         }
         let b = x.size()[0];
@@ -238,12 +244,12 @@ impl MeDuet {
         match self.cfg.rec_mask_pairing {
             RecMaskPairing::Code => {
                 let unmix = &x1 * masks.take() + x2.flip([0]) * masks.keep();
-                (unmix - &target).square().mean(None::<Kind>)
+                (unmix - &target).pow_tensor_scalar(2).mean(None::<Kind>)
             }
             RecMaskPairing::Clean => {
                 let pred = &x1 * masks.take() + &x2 * masks.keep();
                 let tgt = &target * masks.take() + target.flip([0]) * masks.keep();
-                (pred - tgt).square().mean(None::<Kind>)
+                (pred - tgt).pow_tensor_scalar(2).mean(None::<Kind>)
             }
         }
     }
