@@ -1,4 +1,5 @@
 //! Networks in tch.
+pub mod vae;
 pub mod attention;
 pub mod block;
 pub mod init;
