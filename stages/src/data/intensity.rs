@@ -42,15 +42,18 @@ pub fn percentiles(v: &Volume, qs: &[f64], nonzero: bool) -> Vec<f64> {
     if vals.is_empty() {
         return vec![0.0; qs.len()];
     }
-    vals.par_sort_unstable_by(|a, b| a.total_cmp(b));
     let n = vals.len();
     qs.iter()
         .map(|&q| {
             let pos = (q.clamp(0.0, 100.0) / 100.0) * (n - 1) as f64;
             let lo = pos.floor() as usize;
-            let hi = (lo + 1).min(n - 1);
             let f = pos - lo as f64;
-            vals[lo] as f64 * (1.0 - f) + vals[hi] as f64 * f
+            // Linear-time selection: the lo-th order statistic, then the smallest value
+            // above it is the (lo + 1)-th.
+            let (_, &mut v_lo, right) = vals.select_nth_unstable_by(lo, |a, b| a.total_cmp(b));
+            let v_hi = right.iter().copied().fold(f32::INFINITY, f32::min);
+            let v_hi = if v_hi.is_finite() { v_hi } else { v_lo };
+            v_lo as f64 * (1.0 - f) + v_hi as f64 * f
         })
         .collect()
 }

@@ -132,22 +132,27 @@ pub fn permute_flip<T: Copy + Send + Sync>(
         }
     }
     let plane = shape[1] * shape[2];
-    let data = &v.data;
-    let slabs: Vec<Vec<T>> = (0..shape[0])
-        .into_par_iter()
-        .map(|i| {
-            let mut out = Vec::with_capacity(plane);
+    let src = &v.data;
+    let mut data: Vec<T> = Vec::with_capacity(v.data.len());
+    // Every element is written below before being read.
+    data.extend(std::iter::repeat_n(src[0], v.data.len()));
+    data.par_chunks_mut(plane.max(1))
+        .enumerate()
+        .for_each(|(i, slab)| {
             for j in 0..shape[1] {
                 let row = base + i as isize * stride[0] + j as isize * stride[1];
-                for k in 0..shape[2] {
-                    out.push(data[(row + k as isize * stride[2]) as usize]);
+                let out = &mut slab[j * shape[2]..][..shape[2]];
+                if stride[2] == 1 {
+                    out.copy_from_slice(&src[row as usize..row as usize + shape[2]]);
+                } else {
+                    for (k, o) in out.iter_mut().enumerate() {
+                        *o = src[(row + k as isize * stride[2]) as usize];
+                    }
                 }
             }
-            out
-        })
-        .collect();
+        });
     VolumeOf {
-        data: slabs.concat(),
+        data,
         shape,
         affine: mat_mul(&v.affine, &t),
     }

@@ -63,7 +63,8 @@ pub struct Blob {
     pub rot: [[f64; 3]; 3],
     pub e: f64,
     pub waves: Vec<Wave>,
-    bound: f64,
+    /// Half-size of an axis-aligned box holding the blob.
+    bound: [f64; 3],
 }
 
 impl Blob {
@@ -77,8 +78,13 @@ impl Blob {
             [sy * sp, -cy * sp, cp],
         ];
         let amp: f64 = waves.iter().map(|w| w.amp.abs()).sum();
-        let rmax = r.iter().cloned().fold(0.0, f64::max);
-        let bound = rmax * (1.0 + amp).powf(e / 2.0).max(1.0) * 1.01;
+        // |u_a| < (1 + amp)^(e/2) inside; the world extent along w is at most
+        // sum_a |rot[a][w]| r_a times that.
+        let grow = (1.0 + amp).powf(e / 2.0).max(1.0) * 1.01;
+        let mut bound = [0.0; 3];
+        for (w, b) in bound.iter_mut().enumerate() {
+            *b = grow * (0..3).map(|a| rot[a][w].abs() * r[a]).sum::<f64>();
+        }
         Self {
             c,
             r,
@@ -93,7 +99,7 @@ impl Blob {
     #[inline]
     pub fn inside(&self, p: [f64; 3]) -> bool {
         let d = [p[0] - self.c[0], p[1] - self.c[1], p[2] - self.c[2]];
-        if d[0].abs() > self.bound || d[1].abs() > self.bound || d[2].abs() > self.bound {
+        if d[0].abs() > self.bound[0] || d[1].abs() > self.bound[1] || d[2].abs() > self.bound[2] {
             return false;
         }
         let mut u = [0.0; 3];
@@ -101,8 +107,12 @@ impl Blob {
             let q = self.rot[a][0] * d[0] + self.rot[a][1] * d[1] + self.rot[a][2] * d[2];
             *ua = q / self.r[a];
         }
-        let ex = 2.0 / self.e;
-        let f = u[0].abs().powf(ex) + u[1].abs().powf(ex) + u[2].abs().powf(ex);
+        let f = if self.e == 1.0 {
+            u[0] * u[0] + u[1] * u[1] + u[2] * u[2]
+        } else {
+            let ex = 1.0 / self.e;
+            (u[0] * u[0]).powf(ex) + (u[1] * u[1]).powf(ex) + (u[2] * u[2]).powf(ex)
+        };
         let def: f64 = self.waves.iter().map(|w| w.at(u)).sum();
         f < 1.0 + def
     }
@@ -125,24 +135,52 @@ pub struct Body {
 }
 
 impl Body {
-    /// Normalised radius: < 1 inside the outline.
+    /// The in-plane part of the normalised radius at `(x, y)`: `(rho, b)`, with the
+    /// outline's angular factor `b` (harmonics of the polar angle, computed from
+    /// `cos`/`sin` of the angle by the multiple-angle formulas, no trigonometry).
     #[inline]
-    fn radius(&self, p: [f64; 3]) -> f64 {
-        let dx = p[0] - self.c[0];
-        let dy = p[1] - self.c[1];
+    fn in_plane(&self, x: f64, y: f64) -> (f64, f64) {
+        let dx = x - self.c[0];
+        let dy = y - self.c[1];
         let ay = if dy < 0.0 {
             self.ay * self.back
         } else {
             self.ay
         };
         let (u, v) = (dx / self.ax, dy / ay);
-        let theta = v.atan2(u);
-        let mut b =
-            1.0 + self.zwave.0 * (std::f64::consts::TAU * p[2] / self.zwave.1 + self.zwave.2).cos();
+        let rho = (u * u + v * v).sqrt();
+        let (c1, s1) = if rho > 0.0 {
+            (u / rho, v / rho)
+        } else {
+            (1.0, 0.0)
+        };
+        // cos/sin of 2 and 3 and 4 times the angle.
+        let (c2, s2) = (c1 * c1 - s1 * s1, 2.0 * s1 * c1);
+        let (c3, s3) = (c2 * c1 - s2 * s1, s2 * c1 + c2 * s1);
+        let (c4, s4) = (c2 * c2 - s2 * s2, 2.0 * s2 * c2);
+        let mut b = 0.0;
         for &(m, a, ph) in &self.harmonics {
-            b += a * (m * theta + ph).cos();
+            let (cm, sm) = match m as u32 {
+                2 => (c2, s2),
+                3 => (c3, s3),
+                _ => (c4, s4),
+            };
+            // cos(m theta + ph)
+            b += a * (cm * ph.cos() - sm * ph.sin());
         }
-        (u * u + v * v).sqrt() / b
+        (rho, b)
+    }
+
+    /// The z part of the outline factor.
+    #[inline]
+    fn along_z(&self, z: f64) -> f64 {
+        1.0 + self.zwave.0 * (std::f64::consts::TAU * z / self.zwave.1 + self.zwave.2).cos()
+    }
+
+    /// Normalised radius: < 1 inside the outline.
+    pub fn radius(&self, p: [f64; 3]) -> f64 {
+        let (rho, b) = self.in_plane(p[0], p[1]);
+        rho / (b + self.along_z(p[2]))
     }
 }
 
@@ -384,7 +422,11 @@ pub fn sample_anatomy(seed: u64, scale: f64, lesion_probability: f64) -> Anatomy
 impl Anatomy {
     /// Tissue and label at world point `p`.
     pub fn classify(&self, p: [f64; 3]) -> (Tissue, u8) {
-        let r = self.body.radius(p);
+        self.classify_at(p, self.body.radius(p))
+    }
+
+    /// [`Anatomy::classify`] with the body radius at `p` already known.
+    fn classify_at(&self, p: [f64; 3], r: f64) -> (Tissue, u8) {
         if r >= 1.0 {
             return (Tissue::Air, 0);
         }
@@ -451,27 +493,50 @@ pub fn rasterize(
 ) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
     let a = grid_affine(shape, spacing);
     let [_, ny, nz] = shape;
+    let z: Vec<f64> = (0..nz).map(|k| a[2][2] * k as f64 + a[2][3]).collect();
+    let zfac: Vec<f64> = z.iter().map(|&z| anatomy.body.along_z(z)).collect();
+    // Texture waves are separable by angle addition: sin(A + B) with A from (x, y), B from z.
+    let zwaves: Vec<Vec<(f64, f64)>> = anatomy
+        .texture
+        .iter()
+        .map(|w| {
+            z.iter()
+                .map(|&z| (w.k[2] * z + w.phase).sin_cos())
+                .collect()
+        })
+        .collect();
     let slabs: Vec<(Vec<u8>, Vec<u8>, Vec<f32>)> = (0..shape[0])
         .into_par_iter()
         .map(|i| {
             let mut t = Vec::with_capacity(ny * nz);
             let mut l = Vec::with_capacity(ny * nz);
             let mut x = Vec::with_capacity(ny * nz);
+            let px = a[0][0] * i as f64 + a[0][3];
             for j in 0..ny {
+                let py = a[1][1] * j as f64 + a[1][3];
+                let (rho, b) = anatomy.body.in_plane(px, py);
+                let xy: Vec<(f64, f64, f64)> = anatomy
+                    .texture
+                    .iter()
+                    .map(|w| {
+                        let (s, c) = (w.k[0] * px + w.k[1] * py).sin_cos();
+                        (s, c, w.amp)
+                    })
+                    .collect();
                 for k in 0..nz {
-                    let p = [
-                        a[0][0] * i as f64 + a[0][3],
-                        a[1][1] * j as f64 + a[1][3],
-                        a[2][2] * k as f64 + a[2][3],
-                    ];
-                    let (tissue, label) = anatomy.classify(p);
+                    let p = [px, py, z[k]];
+                    let (tissue, label) = anatomy.classify_at(p, rho / (b + zfac[k]));
                     t.push(tissue as u8);
                     l.push(label);
-                    x.push(if tissue == Tissue::Air {
+                    let tex = if tissue == Tissue::Air {
                         0.0
                     } else {
-                        anatomy.texture_at(p) as f32
-                    });
+                        xy.iter()
+                            .zip(&zwaves)
+                            .map(|(&(s, c, amp), zw)| amp * (s * zw[k].1 + c * zw[k].0))
+                            .sum::<f64>()
+                    };
+                    x.push(tex as f32);
                 }
             }
             (t, l, x)

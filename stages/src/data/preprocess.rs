@@ -20,8 +20,7 @@ use crate::data::croppad::{
 };
 use crate::data::error::DataError;
 use crate::data::intensity::{percentile_normalize, window};
-use crate::data::orientation::reorient_to_ras;
-use crate::data::resample::{resample_linear, resample_nearest, target_grid};
+use crate::data::resample::{ras_grid, resample_linear, resample_nearest};
 use crate::data::volume::{check_same_grid, LabelVolume, Volume};
 
 /// How intensities are normalised.
@@ -143,10 +142,8 @@ pub fn preprocess(
         )
         .map_err(|m| DataError::Invalid(format!("label does not match image: {m}")))?;
     }
-    // 1. orientation
-    let mut img = reorient_to_ras(image);
-    let lab = label.map(reorient_to_ras);
-    // 2. intensity
+    // 2. intensity (on a copy; the reorientation of step 1 is folded into step 3's grid)
+    let mut img = image.clone();
     let applied = match cfg.mode {
         IntensityMode::Ct => {
             window(&mut img, cfg.window, cfg.output_range, cfg.clip);
@@ -162,8 +159,8 @@ pub fn preprocess(
         )),
         IntensityMode::None => None,
     };
-    // 3. spacing
-    let grid = target_grid(img.shape, &img.affine, cfg.spacing);
+    // 1 + 3. RAS and spacing: one resampling onto the reoriented, rescaled grid
+    let grid = ras_grid(img.shape, &img.affine, cfg.spacing);
     let mut img = resample_linear(&img, &grid);
     if cfg.clip && applied.is_some() {
         // Interpolation is a convex combination, but f32 rounding can step an ulp outside.
@@ -173,7 +170,7 @@ pub fn preprocess(
         );
         img.data.iter_mut().for_each(|x| *x = x.clamp(lo, hi));
     }
-    let mut lab = lab.map(|l| resample_nearest(&l, &grid));
+    let mut lab = label.map(|l| resample_nearest(l, &grid));
     // 4. foreground
     let mut fg = None;
     if cfg.crop_foreground {

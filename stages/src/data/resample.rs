@@ -1,67 +1,137 @@
 //! Resampling to a target voxel spacing: trilinear for images, nearest for labels.
 //!
-//! # Grid convention (MONAI `Spacingd`, defaults `align_corners=False`, `scale_extent=False`)
+//! # Grid convention (MONAI `Orientationd("RAS")` then `Spacingd`, defaults
+//! `align_corners=False`, `scale_extent=False`)
 //!
-//! - The output keeps the input's axis directions: each affine column is rescaled from its
-//!   spacing `s_in` to the target `s_out`, and the translation is unchanged, so the centre
-//!   of output voxel `(0, 0, 0)` is the centre of input voxel `(0, 0, 0)`.
+//! - [`ras_grid`]: the output is the RAS-reoriented grid (see
+//!   [`crate::data::orientation`]) with each affine column rescaled from its spacing `s_in`
+//!   to the target `s_out` and the translation unchanged, so the centre of output voxel
+//!   `(0, 0, 0)` is the centre of the first voxel of the reoriented input.
+//!   ([`target_grid`] is the same without reorientation.)
 //! - Output size per axis: `N = round_half_even((n - 1) * s_in / s_out + 1)` (numpy's
 //!   `np.round` in MONAI's `compute_shape_offset`): the output grid spans the same physical
 //!   extent, centre of the first voxel to centre of the last, within half an output voxel.
-//! - Output voxel `o` samples the input at voxel coordinate `x = o * s_out / s_in`;
+//! - Output voxel `o` samples the reoriented input at voxel coordinate `x = o * s_out / s_in`;
 //!   coordinates past the last input voxel centre are clamped to it (MONAI's default
 //!   `padding_mode="border"`).
 //!
-//! So a world point keeps its world position: `out.affine * o == in.affine * x`. The volume
-//! should be reoriented to RAS first (as method.md 1.1 does), but any orientation works
-//! since the directions are kept.
+//! So every world point keeps its world position: `out.affine * o == in.affine * x`.
 //!
 //! # Implementation
 //!
-//! Trilinear interpolation is separable for an axis-aligned scaling. Per output `(i, j)`
-//! column we blend the four input rows `(i0|i1, j0|j1, :)` (contiguous in memory, so the
-//! loop vectorises) into one row, then interpolate that row along `k`. Output slabs along
-//! `i` run in parallel on the current rayon pool.
+//! The reorientation is not done on the voxels: a [`Grid`] records, per output axis, the
+//! input axis it runs along and the input voxel coordinate `x = origin + step * o` (a
+//! negative step for a flipped axis), so resampling reads the input in place. Trilinear
+//! interpolation is then separable: per output `(i, j)` column we blend the four input rows
+//! `(i0|i1, j0|j1, :)` (contiguous in memory, so the loop vectorises) over the range of `k`
+//! the column needs, then interpolate that row along `k`. Output slabs along `i` run in
+//! parallel on the current rayon pool. When the input's contiguous axis is not the output's
+//! last axis (an axis permutation, e.g. a sagittal `PIR` volume), the axes are permuted
+//! first (one copy).
 
 use rayon::prelude::*;
 
-use crate::data::volume::{Affine, LabelVolume, Volume, VolumeOf};
+use crate::data::orientation::{axis_mapping, permute_flip};
+use crate::data::volume::{mat_mul, spacing_of, Affine, LabelVolume, Volume, VolumeOf};
 
-/// The output grid of a resampling.
+/// The output grid of a resampling, and where each output axis reads the input.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grid {
     pub shape: [usize; 3],
     pub affine: Affine,
-    /// Input voxel coordinate per output voxel step, per axis (`s_out / s_in`).
+    /// Output axis `a` runs along input axis `axis[a]`.
+    pub axis: [usize; 3],
+    /// Input voxel coordinate of output index 0, per output axis.
+    pub origin: [f64; 3],
+    /// Input voxel coordinate per output voxel step, per output axis (negative: flipped).
     pub step: [f64; 3],
 }
 
-/// The output grid for resampling `shape`/`affine` to `spacing` (see the module docs).
+/// The grid for resampling `shape`/`affine` to `spacing` keeping the input's orientation.
 pub fn target_grid(shape: [usize; 3], affine: &Affine, spacing: [f64; 3]) -> Grid {
-    let s_in = crate::data::volume::spacing_of(affine);
-    let mut out = *affine;
-    let mut step = [1.0; 3];
-    let mut out_shape = [1usize; 3];
-    for c in 0..3 {
-        step[c] = spacing[c] / s_in[c];
-        for row in out.iter_mut().take(3) {
-            row[c] = row[c] / s_in[c] * spacing[c];
+    scaled(shape, affine, spacing, [0, 1, 2], [1, 1, 1])
+}
+
+/// The grid for reorienting `shape`/`affine` to RAS and resampling to `spacing`
+/// (method.md 1.1 steps 1 and 3, without moving voxels in between).
+pub fn ras_grid(shape: [usize; 3], affine: &Affine, spacing: [f64; 3]) -> Grid {
+    let (perm, sign) = axis_mapping(affine);
+    scaled(shape, affine, spacing, perm, sign)
+}
+
+fn scaled(
+    shape: [usize; 3],
+    affine: &Affine,
+    spacing: [f64; 3],
+    perm: [usize; 3],
+    sign: [i8; 3],
+) -> Grid {
+    // The reoriented grid: output axis w = input axis perm[w], flipped when sign[w] < 0.
+    let mut t = [[0.0; 4]; 4];
+    t[3][3] = 1.0;
+    for w in 0..3 {
+        t[perm[w]][w] = sign[w] as f64;
+        if sign[w] < 0 {
+            t[perm[w]][3] = shape[perm[w]] as f64 - 1.0;
         }
-        let n = ((shape[c] as f64 - 1.0) / step[c] + 1.0).round_ties_even();
-        out_shape[c] = (n as usize).max(1);
+    }
+    let ras = mat_mul(affine, &t);
+    let s_in = spacing_of(&ras);
+    let mut out = ras;
+    let mut out_shape = [1usize; 3];
+    let mut origin = [0.0; 3];
+    let mut step = [1.0; 3];
+    for w in 0..3 {
+        let r = spacing[w] / s_in[w];
+        for row in out.iter_mut().take(3) {
+            row[w] = row[w] / s_in[w] * spacing[w];
+        }
+        let n = shape[perm[w]];
+        out_shape[w] = (((n as f64 - 1.0) / r + 1.0).round_ties_even() as usize).max(1);
+        if sign[w] < 0 {
+            origin[w] = n as f64 - 1.0;
+            step[w] = -r;
+        } else {
+            step[w] = r;
+        }
     }
     Grid {
         shape: out_shape,
         affine: out,
+        axis: perm,
+        origin,
         step,
     }
 }
 
+/// Puts the input's axes in the grid's order (a copy) when they are permuted, so the
+/// contiguous input axis is the output's last axis. Flips stay in the grid.
+fn aligned<'a, T: Copy + Send + Sync>(
+    v: &'a VolumeOf<T>,
+    grid: &Grid,
+) -> (std::borrow::Cow<'a, VolumeOf<T>>, Grid) {
+    if grid.axis == [0, 1, 2] {
+        return (std::borrow::Cow::Borrowed(v), grid.clone());
+    }
+    let p = permute_flip(v, grid.axis, [false; 3]);
+    let g = Grid {
+        axis: [0, 1, 2],
+        ..grid.clone()
+    };
+    (std::borrow::Cow::Owned(p), g)
+}
+
+/// Input coordinate of output index `o` along output axis `a`, clamped to the input.
+#[inline]
+fn coord(grid: &Grid, a: usize, o: usize, n_in: usize) -> f64 {
+    (grid.origin[a] + grid.step[a] * o as f64).clamp(0.0, (n_in - 1) as f64)
+}
+
 /// Per output index: the lower input index and the weight of the upper one.
-fn linear_taps(n_out: usize, n_in: usize, step: f64) -> Vec<(usize, f32)> {
-    (0..n_out)
+fn linear_taps(grid: &Grid, a: usize, n_in: usize) -> Vec<(usize, f32)> {
+    (0..grid.shape[a])
         .map(|o| {
-            let x = (o as f64 * step).clamp(0.0, (n_in - 1) as f64);
+            let x = coord(grid, a, o, n_in);
             let i0 = (x.floor() as usize).min(n_in.saturating_sub(2));
             let w = if n_in < 2 {
                 0.0
@@ -74,45 +144,52 @@ fn linear_taps(n_out: usize, n_in: usize, step: f64) -> Vec<(usize, f32)> {
 }
 
 /// Per output index: the nearest input index.
-fn nearest_taps(n_out: usize, n_in: usize, step: f64) -> Vec<usize> {
-    (0..n_out)
+fn nearest_taps(grid: &Grid, a: usize, n_in: usize) -> Vec<usize> {
+    (0..grid.shape[a])
         .map(|o| {
-            let x = (o as f64 * step).clamp(0.0, (n_in - 1) as f64);
-            ((x + 0.5).floor() as usize).min(n_in - 1)
+            let x = coord(grid, a, o, n_in);
+            // Ties round up in the reoriented (RAS) index, as if the voxels had been moved.
+            let i = if grid.step[a] < 0.0 {
+                (x - 0.5).ceil()
+            } else {
+                (x + 0.5).floor()
+            };
+            (i.max(0.0) as usize).min(n_in - 1)
         })
         .collect()
 }
 
 /// Trilinear resampling of an image onto `grid`.
 pub fn resample_linear(v: &Volume, grid: &Grid) -> Volume {
+    let (v, grid) = aligned(v, grid);
     let [nx, ny, nz] = v.shape;
-    let [ox, oy, oz] = grid.shape;
-    let ti = linear_taps(ox, nx, grid.step[0]);
-    let tj = linear_taps(oy, ny, grid.step[1]);
-    let tk = linear_taps(oz, nz, grid.step[2]);
-    let i1 = |i0: usize| (i0 + 1).min(nx - 1);
-    let j1 = |j0: usize| (j0 + 1).min(ny - 1);
-    let k1 = |k0: usize| (k0 + 1).min(nz - 1);
+    let [_, oy, oz] = grid.shape;
+    let ti = linear_taps(&grid, 0, nx);
+    let tj = linear_taps(&grid, 1, ny);
+    let tk = linear_taps(&grid, 2, nz);
+    let up = |i0: usize, n: usize| (i0 + 1).min(n - 1);
+    // The k range the columns need.
+    let k_lo = tk.iter().map(|t| t.0).min().unwrap_or(0);
+    let k_hi = tk.iter().map(|t| up(t.0, nz)).max().unwrap_or(0) + 1;
     let src = &v.data;
-    let mut data = vec![0.0f32; ox * oy * oz];
+    let mut data = vec![0.0f32; grid.shape.iter().product()];
     data.par_chunks_mut(oy * oz)
         .zip(ti.par_iter())
         .for_each(|(slab, &(a0, wa))| {
             let mut row = vec![0.0f32; nz];
-            let (a1, wa0) = (i1(a0), 1.0 - wa);
+            let (a1, wa0) = (up(a0, nx), 1.0 - wa);
             for (j, &(b0, wb)) in tj.iter().enumerate() {
-                let (b1, wb0) = (j1(b0), 1.0 - wb);
-                let r00 = &src[(a0 * ny + b0) * nz..][..nz];
-                let r01 = &src[(a0 * ny + b1) * nz..][..nz];
-                let r10 = &src[(a1 * ny + b0) * nz..][..nz];
-                let r11 = &src[(a1 * ny + b1) * nz..][..nz];
+                let (b1, wb0) = (up(b0, ny), 1.0 - wb);
+                let r =
+                    |a: usize, b: usize| &src[(a * ny + b) * nz + k_lo..(a * ny + b) * nz + k_hi];
+                let (r00, r01, r10, r11) = (r(a0, b0), r(a0, b1), r(a1, b0), r(a1, b1));
                 let (w00, w01, w10, w11) = (wa0 * wb0, wa0 * wb, wa * wb0, wa * wb);
-                for (k, x) in row.iter_mut().enumerate() {
+                for (k, x) in row[k_lo..k_hi].iter_mut().enumerate() {
                     *x = w00 * r00[k] + w01 * r01[k] + w10 * r10[k] + w11 * r11[k];
                 }
                 let out = &mut slab[j * oz..][..oz];
                 for (o, &(c0, wc)) in out.iter_mut().zip(tk.iter()) {
-                    *o = row[c0] * (1.0 - wc) + row[k1(c0)] * wc;
+                    *o = row[c0] * (1.0 - wc) + row[up(c0, nz)] * wc;
                 }
             }
         });
@@ -128,13 +205,14 @@ pub fn resample_nearest<T: Copy + Send + Sync + Default>(
     v: &VolumeOf<T>,
     grid: &Grid,
 ) -> VolumeOf<T> {
+    let (v, grid) = aligned(v, grid);
     let [nx, ny, nz] = v.shape;
-    let [ox, oy, oz] = grid.shape;
-    let ti = nearest_taps(ox, nx, grid.step[0]);
-    let tj = nearest_taps(oy, ny, grid.step[1]);
-    let tk = nearest_taps(oz, nz, grid.step[2]);
+    let [_, oy, oz] = grid.shape;
+    let ti = nearest_taps(&grid, 0, nx);
+    let tj = nearest_taps(&grid, 1, ny);
+    let tk = nearest_taps(&grid, 2, nz);
     let src = &v.data;
-    let mut data = vec![T::default(); ox * oy * oz];
+    let mut data = vec![T::default(); grid.shape.iter().product()];
     data.par_chunks_mut(oy * oz)
         .zip(ti.par_iter())
         .for_each(|(slab, &a)| {
@@ -152,12 +230,12 @@ pub fn resample_nearest<T: Copy + Send + Sync + Default>(
     }
 }
 
-/// Resamples an image to `spacing` (trilinear).
+/// Resamples an image to `spacing` (trilinear), keeping its orientation.
 pub fn resample_image(v: &Volume, spacing: [f64; 3]) -> Volume {
     resample_linear(v, &target_grid(v.shape, &v.affine, spacing))
 }
 
-/// Resamples a label map to `spacing` (nearest).
+/// Resamples a label map to `spacing` (nearest), keeping its orientation.
 pub fn resample_labels(v: &LabelVolume, spacing: [f64; 3]) -> LabelVolume {
     resample_nearest(v, &target_grid(v.shape, &v.affine, spacing))
 }
@@ -233,5 +311,45 @@ mod tests {
         // Output voxel (2, 1, 3) sits on input voxel (1, 2, 3).
         assert_eq!(l2.get(2, 1, 3), labels.get(1, 2, 3));
         assert!(l2.data.iter().all(|&x| x < 4));
+    }
+
+    #[test]
+    fn ras_grid_equals_reorienting_first() {
+        use crate::data::orientation::reorient_to_ras;
+        let mut v = ramp([20, 17, 8], [0.7, 0.8, 2.5]);
+        for affine in [
+            // LPS
+            [
+                [-0.7, 0.0, 0.0, 5.0],
+                [0.0, -0.8, 0.0, 6.0],
+                [0.0, 0.0, 2.5, 7.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+            // PIR (a permutation)
+            [
+                [0.0, 0.0, 2.5, 5.0],
+                [-0.7, 0.0, 0.0, 6.0],
+                [0.0, -0.8, 0.0, 7.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+        ] {
+            v.affine = affine;
+            let direct = resample_linear(&v, &ras_grid(v.shape, &v.affine, [1.5, 1.5, 1.5]));
+            let ras = reorient_to_ras(&v);
+            let two_step = resample_image(&ras, [1.5, 1.5, 1.5]);
+            assert_eq!(direct.shape, two_step.shape);
+            assert_eq!(direct.affine, two_step.affine);
+            // The same samples; the weights of flipped axes are computed from the other side,
+            // so values agree to f32 rounding.
+            for (a, b) in direct.data.iter().zip(&two_step.data) {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+            }
+            let labels = v.map(|x| (x.abs() as u8) % 5);
+            let ln = resample_nearest(&labels, &ras_grid(v.shape, &v.affine, [1.5, 1.5, 1.5]));
+            assert_eq!(
+                ln,
+                resample_labels(&reorient_to_ras(&labels), [1.5, 1.5, 1.5])
+            );
+        }
     }
 }

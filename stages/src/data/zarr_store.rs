@@ -14,12 +14,18 @@
 //!   (`original_spacing`, `domain`, `domain_id`, `source_digest`, ...).
 //! - Metadata is deterministic: zarrs' own `_zarrs` attribute is switched off, so the same
 //!   volume always gives the same bytes (and the same content digest in the cache).
+//! - Writing encodes the chunks in parallel into an in-memory store, then writes the files
+//!   (zarrs' filesystem store would `fsync` every chunk; the cache makes the whole object
+//!   durable once when it commits). Reading uses zarrs' filesystem store.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use zarrs::array::{Array, ArrayBuilder, ArraySubset};
+use rayon::prelude::*;
+use zarrs::array::{Array, ArrayBuilder};
 use zarrs::filesystem::FilesystemStore;
+use zarrs::storage::store::MemoryStore;
+use zarrs::storage::{ListableStorageTraits, ReadableStorageTraits};
 
 use crate::data::error::DataError;
 use crate::data::orientation::axcodes;
@@ -80,9 +86,10 @@ pub fn write_zarr<T: StoreElement>(
     if path.exists() {
         std::fs::remove_dir_all(path).map_err(|e| DataError::io(path, e))?;
     }
-    std::fs::create_dir_all(path).map_err(|e| DataError::io(path, e))?;
     let zerr = |e: &dyn std::fmt::Display| DataError::zarr(path, e);
-    let store = Arc::new(FilesystemStore::new(path).map_err(|e| zerr(&e))?);
+    // Encode into memory, then write the files: zarrs' filesystem store syncs every file
+    // it writes, which the cache does once for the whole object when it commits.
+    let store = Arc::new(MemoryStore::new());
     let mut attrs = Attrs::new();
     attrs.insert("affine".into(), affine_to_json(&v.affine));
     attrs.insert("spacing".into(), serde_json::json!(spacing_of(&v.affine)));
@@ -91,21 +98,63 @@ pub fn write_zarr<T: StoreElement>(
         attrs.insert(k.clone(), x.clone());
     }
     let shape: Vec<u64> = v.shape.iter().map(|&n| n as u64).collect();
-    let chunks: Vec<u64> = v.shape.iter().map(|&n| n.clamp(1, CHUNK) as u64).collect();
-    let array = ArrayBuilder::new(shape, chunks, T::data_type(), T::fill())
+    let chunk_shape: Vec<u64> = v.shape.iter().map(|&n| chunk_of(n) as u64).collect();
+    let array = ArrayBuilder::new(shape, chunk_shape, T::data_type(), T::fill())
         .bytes_to_bytes_codecs(vec![Arc::new(zarrs::array::codec::ZstdCodec::new(
             ZSTD_LEVEL, false,
         ))])
         .dimension_names(Some(["i", "j", "k"]))
         .attributes(attrs)
-        .build(store, "/")
+        .build(store.clone(), "/")
         .map_err(|e| zerr(&e))?;
     array.store_metadata().map_err(|e| zerr(&e))?;
-    let all = ArraySubset::new_with_shape(array.shape().to_vec());
-    array
-        .store_array_subset(&all, &v.data[..])
-        .map_err(|e| zerr(&e))?;
-    Ok(())
+    // Chunk by chunk, in parallel: each chunk is encoded once (no read-modify-write);
+    // edge chunks are stored full-size, padded with the fill value, as the spec says.
+    let [nx, ny, nz] = v.shape;
+    let n = [
+        nx.div_ceil(chunk_of(nx)),
+        ny.div_ceil(chunk_of(ny)),
+        nz.div_ceil(chunk_of(nz)),
+    ];
+    let c = [chunk_of(nx), chunk_of(ny), chunk_of(nz)];
+    let chunks: Vec<[usize; 3]> = (0..n[0])
+        .flat_map(|a| (0..n[1]).flat_map(move |b| (0..n[2]).map(move |d| [a, b, d])))
+        .collect();
+    chunks.par_iter().try_for_each(|&ci| {
+        let mut buf = vec![T::default(); c[0] * c[1] * c[2]];
+        let start = [ci[0] * c[0], ci[1] * c[1], ci[2] * c[2]];
+        let len = [
+            c[0].min(nx - start[0]),
+            c[1].min(ny - start[1]),
+            c[2].min(nz - start[2]),
+        ];
+        for i in 0..len[0] {
+            for j in 0..len[1] {
+                let src = ((start[0] + i) * ny + start[1] + j) * nz + start[2];
+                let dst = (i * c[1] + j) * c[2];
+                buf[dst..dst + len[2]].copy_from_slice(&v.data[src..src + len[2]]);
+            }
+        }
+        let idx: Vec<u64> = ci.iter().map(|&x| x as u64).collect();
+        array.store_chunk(&idx, buf).map_err(|e| zerr(&e))
+    })?;
+    let keys = store.list().map_err(|e| zerr(&e))?;
+    keys.par_iter().try_for_each(|key| {
+        let bytes = store
+            .get(key)
+            .map_err(|e| zerr(&e))?
+            .ok_or_else(|| zerr(&format!("key '{}' vanished", key.as_str())))?;
+        let file = path.join(key.as_str());
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+        }
+        std::fs::write(&file, &bytes[..]).map_err(|e| DataError::io(&file, e))
+    })
+}
+
+/// The chunk edge along an axis of `n` voxels.
+fn chunk_of(n: usize) -> usize {
+    n.clamp(1, CHUNK)
 }
 
 /// Reads a volume written by [`write_zarr`] (or any 3D Zarr array of the same data type
