@@ -271,25 +271,38 @@ fn parse(path: &Path) -> Result<(NiftiHeader, Vec<u8>, NiftiInfo), DataError> {
         big_endian: header.endianness == nifti::Endianness::Big,
         gzip,
     };
-    let voxels = bytes[offset..offset + need].to_vec();
+    let mut voxels = bytes;
+    voxels.truncate(offset + need);
+    voxels.drain(..offset);
     Ok((header, voxels, info))
 }
 
 /// Transposes Fortran-order data (first index fastest) to C order (last index fastest).
+///
+/// For each `j` this is a 2D transpose between the `i` and `k` axes; it runs in 32 x 32
+/// tiles so that both reads and writes are contiguous runs, in parallel over blocks of `i`.
 pub fn fortran_to_c<T: Copy + Send + Sync + Default>(src: &[T], shape: [usize; 3]) -> Vec<T> {
     let [nx, ny, nz] = shape;
     let mut out = vec![T::default(); src.len()];
-    const B: usize = 16;
+    const B: usize = 32;
     out.par_chunks_mut(B * ny * nz)
         .enumerate()
         .for_each(|(bi, dst)| {
             let i0 = bi * B;
             let nb = dst.len() / (ny * nz);
-            for k in 0..nz {
-                for j in 0..ny {
-                    let s = (k * ny + j) * nx + i0;
-                    for (di, &x) in src[s..s + nb].iter().enumerate() {
-                        dst[(di * ny + j) * nz + k] = x;
+            let mut tile = [[T::default(); B]; B];
+            for j in 0..ny {
+                for k0 in (0..nz).step_by(B) {
+                    let kb = B.min(nz - k0);
+                    for (kk, row) in tile.iter_mut().enumerate().take(kb) {
+                        let s = ((k0 + kk) * ny + j) * nx + i0;
+                        row[..nb].copy_from_slice(&src[s..s + nb]);
+                    }
+                    for di in 0..nb {
+                        let d = (di * ny + j) * nz + k0;
+                        for (kk, x) in dst[d..d + kb].iter_mut().enumerate() {
+                            *x = tile[kk][di];
+                        }
                     }
                 }
             }
@@ -480,6 +493,20 @@ pub fn case_name(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fortran_to_c_transposes_every_voxel() {
+        let shape = [37, 5, 70];
+        let f: Vec<u32> = (0..37 * 5 * 70).collect();
+        let c = fortran_to_c(&f, shape);
+        for i in 0..37 {
+            for j in 0..5 {
+                for k in 0..70 {
+                    assert_eq!(c[(i * 5 + j) * 70 + k], f[(k * 5 + j) * 37 + i] as u32);
+                }
+            }
+        }
+    }
     use crate::data::volume::IDENTITY;
 
     fn sample() -> Volume {
