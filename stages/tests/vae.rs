@@ -336,6 +336,9 @@ fn tiled_global_equals_whole_volume() {
     let s1 = encode_tiled_latent(&vae, &x, &big, EncodeMode::Sample { seed: 9 }).unwrap();
     let s2 = encode_tiled_latent(&vae, &x, &big, EncodeMode::Sample { seed: 9 }).unwrap();
     assert!(s1.equal(&s2));
+    // the same noise as a seeded sample of the whole-volume encoding
+    let whole_sample = AutoencoderKlMaisi::sample_seeded(&mu, &sigma, 9).unwrap();
+    assert!(rel_err(&s1, &whole_sample) < 1e-5);
     let z = ((&s1 - &bmu) / &bsigma).std(true).double_value(&[]);
     assert!((z - 1.0).abs() < 0.1, "standardised sample std {z}");
 }

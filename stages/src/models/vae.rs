@@ -62,7 +62,7 @@ mod weights;
 
 use std::path::Path;
 
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, TchError, Tensor};
 
@@ -441,6 +441,13 @@ impl AutoencoderKlMaisi {
         Ok(mu.f_add(&sigma.f_mul(&eps)?)?)
     }
 
+    /// [`AutoencoderKlMaisi::sampling`] with `eps` from ChaCha8 seeded with `seed`: the
+    /// same noise for the same seed and latent shape, whether the latent was encoded whole
+    /// or tiled ([`EncodeMode::Sample`]).
+    pub fn sample_seeded(mu: &Tensor, sigma: &Tensor, seed: u64) -> Result<Tensor, VaeError> {
+        Self::sampling(mu, sigma, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+    }
+
     /// MONAI's `encode_stage_2_inputs`: a sample of the posterior (`mu + sigma * eps`).
     ///
     /// # Shapes
@@ -543,7 +550,6 @@ pub fn gaussian_like(like: &Tensor, rng: &mut impl Rng) -> Result<Tensor, TchErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     fn names(cfg: &Config) -> Vec<(String, Vec<i64>)> {
         let vs = nn::VarStore::new(Device::Cpu);
@@ -655,6 +661,9 @@ mod tests {
         .unwrap();
         assert!(a.equal(&b));
         assert!(!a.equal(&c));
+        assert!(AutoencoderKlMaisi::sample_seeded(&mu, &sigma, 7)
+            .unwrap()
+            .equal(&a));
         let (m, s) = (
             a.mean(Kind::Double).double_value(&[]),
             a.std(true).double_value(&[]),

@@ -63,12 +63,11 @@
 //! Tensors may live on the host while the network is on a GPU: tiles are moved to the
 //! network's device and kind, results come back as f32 on the input's device.
 
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::blocks::{self, Block, GroupStats, Halt, Moments, NormCtx, Stream};
-use super::{gaussian_like, AutoencoderKlMaisi, VaeError};
+use super::{AutoencoderKlMaisi, VaeError};
 
 /// How GroupNorm layers are normalised when a volume is processed in tiles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,10 +181,8 @@ pub fn encode_tiled_latent(
     match mode {
         EncodeMode::Mean => Ok(mu),
         EncodeMode::Sample { seed } => {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
             let _guard = tch::no_grad_guard();
-            let eps = gaussian_like(&sigma, &mut rng)?;
-            Ok(mu.f_add(&sigma.f_mul(&eps)?)?)
+            AutoencoderKlMaisi::sample_seeded(&mu, &sigma, seed)
         }
     }
 }
