@@ -300,8 +300,8 @@ pub fn fortran_to_c<T: Copy + Send + Sync + Default>(src: &[T], shape: [usize; 3
                     }
                     for di in 0..nb {
                         let d = (di * ny + j) * nz + k0;
-                        for (kk, x) in dst[d..d + kb].iter_mut().enumerate() {
-                            *x = tile[kk][di];
+                        for (x, row) in dst[d..d + kb].iter_mut().zip(tile.iter()) {
+                            *x = row[di];
                         }
                     }
                 }

@@ -333,3 +333,68 @@ impl Stage for Phantom {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_from_a_count_or_a_list_of_presets_with_overrides() {
+        let p: PhantomParams = serde_json::from_value(serde_json::json!({"domains": 7})).unwrap();
+        let s = p.styles().unwrap();
+        assert_eq!(s.len(), 7);
+        assert_eq!(s[1].name, "arterial");
+        assert_eq!(s[6].name, "domain6");
+        Phantom.validate(&p).unwrap();
+        let p: PhantomParams = serde_json::from_value(serde_json::json!({
+            "domains": [
+                {"preset": "arterial", "name": "siteA", "noise_hu": 5.0, "orientation": "RAS"},
+                {"preset": "native", "spacing": [3.0, 3.0, 3.0]}
+            ],
+            "shape": [40, 40, 30],
+        }))
+        .unwrap();
+        let s = p.styles().unwrap();
+        assert_eq!(
+            (s[0].name.as_str(), s[0].noise_hu, s[0].orientation.as_str()),
+            ("siteA", 5.0, "RAS")
+        );
+        assert_eq!(s[0].phase, ContrastPhase::Arterial);
+        assert_eq!((s[1].spacing, s[1].shape), ([3.0, 3.0, 3.0], [40, 40, 30]));
+        Phantom.validate(&p).unwrap();
+        let bad: PhantomParams = serde_json::from_value(serde_json::json!({
+            "domains": [{"preset": "nope"}]
+        }))
+        .unwrap();
+        let e = Phantom.validate(&bad).unwrap_err();
+        assert!(
+            e.contains("domains[0]: unknown domain preset 'nope' (presets: venous, arterial"),
+            "{e}"
+        );
+        let twice: PhantomParams = serde_json::from_value(serde_json::json!({
+            "domains": [{"preset": "native"}, {"preset": "native"}]
+        }))
+        .unwrap();
+        assert_eq!(
+            Phantom.validate(&twice).unwrap_err(),
+            "two domains are named 'native'"
+        );
+        let e = serde_json::from_value::<PhantomParams>(serde_json::json!({"domains": "four"}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a number of domains or a list of domain tables"),
+            "{e}"
+        );
+        let e = serde_json::from_value::<PhantomParams>(serde_json::json!({"domain": 3}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `domain`"), "{e}");
+        // Paired subjects share their anatomy seed across domains, unpaired ones do not.
+        let mut p = PhantomParams::default();
+        assert_ne!(p.content_seed(0, 3), p.content_seed(1, 3));
+        p.paired = true;
+        assert_eq!(p.content_seed(0, 3), p.content_seed(1, 3));
+        assert_ne!(p.style_seed(0, 3), p.style_seed(1, 3));
+    }
+}
