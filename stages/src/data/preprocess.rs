@@ -261,6 +261,33 @@ mod tests {
     }
 
     #[test]
+    fn mri_mode_maps_percentiles_to_the_output_range() {
+        let shape = [20, 20, 20];
+        let mut img = Volume::filled(shape, crate::data::volume::IDENTITY, 0.0);
+        for (n, x) in img.data.iter_mut().enumerate() {
+            *x = (n % 1000) as f32; // uniform 0..999
+        }
+        let cfg = PreprocessConfig {
+            mode: IntensityMode::Mri,
+            spacing: [1.0, 1.0, 1.0],
+            crop_foreground: false,
+            min_size: [1, 1, 1],
+            divisible: 1,
+            ..Default::default()
+        };
+        let out = preprocess(&img, None, &cfg).unwrap();
+        // numpy: np.percentile(np.arange(8000) % 1000, [0.5, 99.5]) = [4.995, 994.005]
+        let w = out.window.unwrap();
+        assert!(
+            (w[0] - 4.995).abs() < 1e-9 && (w[1] - 994.005).abs() < 1e-9,
+            "{w:?}"
+        );
+        let below = out.image.data.iter().filter(|&&x| x == 0.0).count();
+        let above = out.image.data.iter().filter(|&&x| x == 1.0).count();
+        assert_eq!((below, above), (5 * 8, 5 * 8)); // values 0..=4 and 995..=999
+    }
+
+    #[test]
     fn mismatched_label_is_rejected() {
         let img = Volume::filled([4, 4, 4], crate::data::volume::IDENTITY, 0.0);
         let lab = LabelVolume::filled([4, 4, 5], crate::data::volume::IDENTITY, 0);
