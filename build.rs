@@ -1,19 +1,7 @@
-//! Links the `meduet` binary so it runs without LD_LIBRARY_PATH and finds CUDA.
-//!
-//! torch-sys declares `links = "tch"`, so its build script's `libtorch_lib` metadata
-//! reaches us as `DEP_TCH_LIBTORCH_LIB`. We add an rpath to that folder and force
-//! libtorch itself to be linked (`--no-as-needed -ltorch`): without it the linker drops
-//! `libtorch_cuda` and CUDA is reported unavailable on GPU machines.
+//! Records the git commit for run records. (The `meduet` binary does not link libtorch;
+//! `torch/build.rs` links the `meduet-torch` worker.)
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-L{dir}");
-        println!("cargo:rustc-link-arg=-ltorch");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
-    }
     // The git commit, for run records.
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])

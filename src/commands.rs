@@ -19,7 +19,7 @@ pub fn versions() -> Versions {
     Versions {
         meduet: env!("CARGO_PKG_VERSION").to_string(),
         git_commit: (!commit.is_empty()).then(|| commit.to_string()),
-        torch: Some(meduet_stages::torch::torch_version()),
+        torch: None,
     }
 }
 
@@ -58,7 +58,6 @@ fn env_for(store: Store, multi: &MultiProgress) -> ExecEnv {
     let mut env = ExecEnv::new(store);
     env.progress = Reporter::new(multi.clone());
     env.versions = versions();
-    env.thread_hook = Some(std::sync::Arc::new(meduet_stages::torch::set_threads));
     env
 }
 
@@ -90,7 +89,10 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
                 force,
                 keep_going,
                 threads,
-                cuda_devices: meduet_stages::torch::cuda_devices(),
+                cuda_devices: None,
+                device_probe: Some(meduet_engine::scheduler::DeviceProbe(std::sync::Arc::new(
+                    worker_cuda_devices,
+                ))),
             };
             tracing::info!(
                 "pipeline '{}' ({} stages), cache {}",
@@ -365,50 +367,31 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             let spec_path = spec
                 .canonicalize()
                 .with_context(|| format!("spec '{}' not found", spec.display()))?;
-            let dir = cache.unwrap_or_else(|| {
-                spec_path
-                    .parent()
-                    .and_then(|p| p.parent())
-                    .map(Path::to_path_buf)
-                    .unwrap_or_default()
-            });
+            let dir = meduet_engine::exec_stage::spec_cache(&spec_path, cache);
             let store = Store::open_existing(&dir)
                 .with_context(|| format!("'{}' is not a meduet cache", dir.display()))?;
-            let spec = ExecSpec::read(&spec_path)?;
-            let prepared = spec.to_prepared(&store, &registry)?;
-            let env = env_for(store, &multi);
+            let env = env_for(store.clone(), &multi);
             let cancel = env.cancel.clone();
             let _ = ctrlc::set_handler(move || cancel.cancel());
-            let devices = meduet_stages::torch::cuda_devices();
-            let device = match spec.resources.device {
-                meduet_engine::DeviceRequest::Cpu => meduet_engine::Device::Cpu,
-                meduet_engine::DeviceRequest::Cuda(i) => meduet_engine::Device::Cuda(i),
-                meduet_engine::DeviceRequest::AnyCuda if devices.is_empty() => bail!(
-                    "stage '{}' asks for a CUDA device but none is visible",
-                    spec.stage
-                ),
-                meduet_engine::DeviceRequest::AnyCuda | meduet_engine::DeviceRequest::Auto => {
-                    devices
-                        .first()
-                        .map(|&d| meduet_engine::Device::Cuda(d))
-                        .unwrap_or(meduet_engine::Device::Cpu)
+            match meduet_engine::exec_stage::exec_stage(
+                &spec_path,
+                store,
+                &registry,
+                &env,
+                &worker_cuda_devices,
+            )? {
+                meduet_engine::exec_stage::ExecStage::Delegate(worker) => {
+                    Err(meduet_engine::exec_stage::delegate(worker, &spec_path, &dir).into())
                 }
-            };
-            let threads = if spec.resources.threads == 0 {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            } else {
-                spec.resources.threads
-            };
-            let ex = meduet_engine::exec::execute(&env, &prepared, device, threads, spec.force)
-                .map_err(|e| anyhow::anyhow!("stage '{}' failed: {e}", spec.stage))?;
-            println!(
-                "{} {}",
-                if ex.computed { "computed" } else { "cached" },
-                ex.object.dir.display()
-            );
-            Ok(0)
+                meduet_engine::exec_stage::ExecStage::Done(ex) => {
+                    println!(
+                        "{} {}",
+                        if ex.computed { "computed" } else { "cached" },
+                        ex.object.dir.display()
+                    );
+                    Ok(0)
+                }
+            }
         }
     }
 }
@@ -509,6 +492,21 @@ fn print_summary(p: &Pipeline, store: &Store, summary: &meduet_engine::RunSummar
     }
 }
 
+/// CUDA devices, asked from the libtorch worker (costs one worker start; only called when
+/// a stage that may use a GPU has to run).
+fn worker_cuda_devices() -> Vec<usize> {
+    let Ok(bin) = meduet_engine::worker::worker_binary("meduet-torch") else {
+        return Vec::new();
+    };
+    match std::process::Command::new(bin).arg("devices").output() {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 pub fn human_bytes(b: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
@@ -545,28 +543,22 @@ fn doctor(pipeline: &Option<PathBuf>, cache: &CacheArg, registry: &Registry) -> 
         v.git_commit.as_deref().unwrap_or("unknown")
     );
     println!(
-        "torch         {} (libtorch via tch 0.26)",
-        v.torch.unwrap_or_default()
-    );
-    println!(
-        "threads       {} torch intra-op, {} cores",
-        tch::get_num_threads(),
+        "cores         {}",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    let devs = meduet_stages::torch::cuda_devices();
-    if devs.is_empty() {
-        println!(
-            "cuda          no CUDA device seen (cuDNN {})",
-            if tch::Cuda::cudnn_is_available() {
-                "available"
-            } else {
-                "not available"
-            }
-        );
-    } else {
-        println!("cuda          {} device(s): {:?}", devs.len(), devs);
+    match meduet_engine::worker::worker_binary("meduet-torch") {
+        Ok(bin) => match std::process::Command::new(&bin).arg("doctor").output() {
+            Ok(o) if o.status.success() => print!("{}", String::from_utf8_lossy(&o.stdout)),
+            Ok(o) => println!(
+                "torch         worker '{}' failed: {}",
+                bin.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => println!("torch         cannot run worker '{}': {e}", bin.display()),
+        },
+        Err(e) => println!("torch         {e}"),
     }
     let dir = match (&cache.cache, pipeline) {
         (Some(c), _) => Some(c.clone()),

@@ -2,13 +2,12 @@
 
 mod cli;
 mod commands;
-mod logging;
 
 use clap::Parser;
 
 fn main() {
     let args = cli::Cli::parse();
-    let multi = logging::init(args.verbose, args.quiet);
+    let multi = meduet_engine::cli_logging::init(args.verbose, args.quiet);
     let code = match commands::dispatch(args, multi) {
         Ok(code) => code,
         Err(e) => {

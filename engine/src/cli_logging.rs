@@ -1,4 +1,5 @@
-//! Logging: tracing to stderr (through the progress bars) and into each stage's log.
+//! Logging of the meduet binaries: tracing to stderr (through the progress bars) and
+//! into each stage's log file ([`crate::logging::StageLogLayer`]).
 
 use std::io::Write;
 
@@ -31,6 +32,10 @@ impl<'a> MakeWriter<'a> for SuspendingStderr {
 
 /// Installs the subscriber; returns the progress-bar container.
 pub fn init(verbose: u8, quiet: bool) -> MultiProgress {
+    init_with(verbose, quiet)
+}
+
+fn init_with(verbose: u8, quiet: bool) -> MultiProgress {
     let multi = MultiProgress::new();
     let default = match (quiet, verbose) {
         (true, _) => "warn",
@@ -49,7 +54,7 @@ pub fn init(verbose: u8, quiet: bool) -> MultiProgress {
     tracing_subscriber::registry()
         .with(stderr.with_filter(filter))
         .with(tracing_subscriber::Layer::with_filter(
-            meduet_engine::logging::StageLogLayer,
+            crate::logging::StageLogLayer,
             file_filter,
         ))
         .init();

@@ -42,5 +42,6 @@ pub use registry::{DynStage, Implementation, Registry};
 pub use resources::{Device, DeviceRequest, Resources};
 pub use scheduler::{run, Outcome, RunOptions, RunSummary};
 pub use stage::{
-    Arity, ArtifactType, CancelFlag, InputArtifact, InputSpec, OutputSpec, Stage, StageContext,
+    Arity, ArtifactType, CancelFlag, InputArtifact, InputSpec, OutputSpec, Runtime, Stage,
+    StageContext,
 };

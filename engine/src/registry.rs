@@ -132,7 +132,10 @@ impl<S: Stage> DynStage for Typed<S> {
     }
     fn run(&self, params: &serde_json::Value, ctx: &mut StageContext) -> Result<(), StageError> {
         let p = parse::<S>(params)?;
-        self.stage.run(&p, ctx)
+        match self.implementation.as_ref().and_then(|i| i.run.as_ref()) {
+            Some(f) => f(&self.stage, &p, ctx),
+            None => self.stage.run(&p, ctx),
+        }
     }
     fn run_item(
         &self,
@@ -140,7 +143,14 @@ impl<S: Stage> DynStage for Typed<S> {
         ctx: &mut StageContext,
     ) -> Result<(), StageError> {
         let p = parse::<S>(params)?;
-        self.stage.run_item(&p, ctx)
+        match self
+            .implementation
+            .as_ref()
+            .and_then(|i| i.run_item.as_ref())
+        {
+            Some(f) => f(&self.stage, &p, ctx),
+            None => self.stage.run_item(&p, ctx),
+        }
     }
 }
 
@@ -196,5 +206,55 @@ impl Registry {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn DynStage>> {
         self.kinds.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stage::{ArtifactType, Runtime};
+
+    struct Declared;
+    impl Stage for Declared {
+        type Params = serde_json::Value;
+        const KIND: &'static str = "declared";
+        const VERSION: u32 = 1;
+        const ABOUT: &'static str = "declared here, implemented in a worker";
+        fn inputs(&self) -> Vec<InputSpec> {
+            vec![]
+        }
+        fn outputs(&self) -> Vec<OutputSpec> {
+            vec![OutputSpec {
+                name: "text",
+                ty: ArtifactType::single("text"),
+                doc: "",
+            }]
+        }
+        fn runtime(&self) -> Runtime {
+            Runtime::Worker("meduet-test-worker")
+        }
+    }
+
+    #[test]
+    fn implementations_replace_declarations() {
+        let mut r = Registry::new();
+        r.register(Declared);
+        assert_eq!(
+            r.get("declared").unwrap().worker(),
+            Some("meduet-test-worker")
+        );
+        r.implement(
+            Declared,
+            Implementation::run(|_, _, ctx| {
+                ctx.set_metric("ran", true);
+                Ok(())
+            }),
+        );
+        let k = r.get("declared").unwrap();
+        assert_eq!(k.worker(), None, "an implemented kind runs in this process");
+        let dir = tempfile::tempdir().unwrap();
+        let mut ctx = crate::stage::StageContext::for_tests(dir.path(), k.outputs());
+        k.run(&serde_json::json!({}), &mut ctx).unwrap();
+        assert_eq!(ctx.metrics()["ran"], true);
     }
 }

@@ -222,6 +222,28 @@ pub struct StageContext {
 }
 
 impl StageContext {
+    /// A context writing into `object_dir`, with no inputs (unit tests of stage kinds).
+    pub fn for_tests(object_dir: &Path, outputs: Vec<OutputSpec>) -> Self {
+        StageContext {
+            stage: "test".into(),
+            kind: "test",
+            inputs: BTreeMap::new(),
+            sources: BTreeMap::new(),
+            locator: Arc::new(crate::exec::Locator::new()),
+            object_dir: object_dir.to_path_buf(),
+            scratch: object_dir.join("scratch"),
+            device: Device::Cpu,
+            threads: 1,
+            cancel: CancelFlag::new(),
+            progress: crate::progress::Reporter::hidden(),
+            metrics: serde_json::Map::new(),
+            item: None,
+            item_attrs: BTreeMap::new(),
+            emitted: BTreeMap::new(),
+            outputs,
+        }
+    }
+
     /// The stage's name in the pipeline.
     pub fn stage_name(&self) -> &str {
         &self.stage

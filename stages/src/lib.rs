@@ -4,6 +4,7 @@
 //! ([`data`]), networks in tch ([`models`]), training utilities ([`train`]), and the
 //! kinds themselves ([`kinds`]), registered by [`registry`].
 
+pub mod analysis;
 pub mod data;
 pub mod kinds;
 pub mod models;

@@ -5,15 +5,39 @@
 //! | `phantom`  | seeded multi-domain CT phantoms as MSD-style dataset folders          |
 //! | `ingest`   | reads and checks NIfTI datasets; one `subjects` item per subject      |
 //! | `resample` | fan-out: RAS, window, 1.5 mm, crop/pad per subject into Zarr volumes  |
+//!
+//! Kinds that need libtorch are declared here (parameters, inputs, outputs) and run in
+//! the `meduet-torch` worker, which registers their implementations:
+//!
+//! | kind              | does                                                            |
+//! |-------------------|-----------------------------------------------------------------|
+//! | `vae_train`       | trains the MAISI-topology VAE                                   |
+//! | `vae_import`      | imports MAISI VAE weights                                       |
+//! | `vae_encode`      | fan-out: tiled whole-volume encoding into Zarr latents          |
+//! | `vae_decode`      | fan-out: latents back to volumes                                |
+//! | `pretrain`        | MeDUET pretraining                                              |
+//! | `extract_factors` | per-subject content and style vectors                           |
+//! | `probe`           | factor identifiability: linear probes, silhouettes, t-SNE       |
 
 pub mod ingest;
 pub mod phantom;
+pub mod preset;
+pub mod pretrain;
+pub mod probe;
 pub mod resample;
 pub mod subject;
+pub mod vae;
 
 /// Registers this crate's stage kinds.
 pub fn register(r: &mut meduet_engine::Registry) {
     r.register(phantom::Phantom)
         .register(ingest::Ingest)
-        .register(resample::Resample);
+        .register(resample::Resample)
+        .register(vae::VaeTrain)
+        .register(vae::VaeImport)
+        .register(vae::VaeEncode)
+        .register(vae::VaeDecode)
+        .register(pretrain::Pretrain)
+        .register(pretrain::ExtractFactors)
+        .register(probe::Probe);
 }

@@ -1,0 +1,3 @@
+//! Networks that only the worker needs.
+
+pub mod discriminator;

@@ -1,0 +1,141 @@
+//! What the tensor stage implementations share: devices, errors, reading latents and
+//! volumes into crop sources, domain maps, output helpers.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use meduet_engine::{Item, StageContext, StageError};
+use meduet_stages::data::array_store::read_array_f32;
+use meduet_stages::data::zarr_store::read_zarr;
+use meduet_stages::kinds::resample::IMAGE_ZARR;
+use meduet_stages::kinds::vae::LATENT_ZARR;
+use meduet_stages::sampling::CropSource;
+use rayon::prelude::*;
+
+/// The tch device of the stage (and its threads set for libtorch).
+pub fn device(ctx: &StageContext) -> tch::Device {
+    crate::device::set_threads(ctx.threads());
+    crate::device::tch_device(ctx.device())
+}
+
+/// Wraps any displayable error as a stage failure.
+pub fn fail(e: impl std::fmt::Display) -> StageError {
+    StageError::failed(e)
+}
+
+/// Reads every item's `latent.zarr` (`[C, X, Y, Z]`) as a crop source, in parallel.
+pub fn latent_sources(items: &[Item]) -> Result<Vec<CropSource>, StageError> {
+    items
+        .par_iter()
+        .map(|it| {
+            let (data, shape, _) =
+                read_array_f32(&it.dir.join(LATENT_ZARR)).map_err(StageError::input)?;
+            if shape.len() != 4 {
+                return Err(StageError::input(format!(
+                    "latent of '{}' has shape {shape:?}, expected [C, X, Y, Z]",
+                    it.id
+                )));
+            }
+            Ok(CropSource {
+                id: it.id.clone(),
+                domain_id: domain_id(it)?,
+                shape: [shape[0], shape[1], shape[2], shape[3]],
+                data: Arc::new(data),
+            })
+        })
+        .collect()
+}
+
+/// Reads every item's `image.zarr` as a one-channel crop source, in parallel.
+pub fn volume_sources(items: &[Item]) -> Result<Vec<CropSource>, StageError> {
+    items
+        .par_iter()
+        .map(|it| {
+            let (v, _) = read_zarr::<f32>(&it.dir.join(IMAGE_ZARR)).map_err(StageError::input)?;
+            Ok(CropSource {
+                id: it.id.clone(),
+                domain_id: domain_id(it)?,
+                shape: [1, v.shape[0], v.shape[1], v.shape[2]],
+                data: Arc::new(v.data),
+            })
+        })
+        .collect()
+}
+
+/// The item's `domain_id` attribute.
+pub fn domain_id(it: &Item) -> Result<i64, StageError> {
+    it.attr_i64("domain_id").ok_or_else(|| {
+        StageError::input(format!(
+            "item '{}' has no integer 'domain_id' attribute",
+            it.id
+        ))
+    })
+}
+
+/// Dataset domain ids mapped to contiguous class indices `0..n` (sorted by id), with names.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DomainMap {
+    /// `(domain_id, domain name)` by class index.
+    pub classes: Vec<(i64, String)>,
+}
+
+impl DomainMap {
+    pub fn from_items(items: &[Item]) -> Result<Self, StageError> {
+        let mut m: BTreeMap<i64, String> = BTreeMap::new();
+        for it in items {
+            m.entry(domain_id(it)?)
+                .or_insert_with(|| it.attr_str("domain").unwrap_or("").to_string());
+        }
+        Ok(Self {
+            classes: m.into_iter().collect(),
+        })
+    }
+    pub fn len(&self) -> usize {
+        self.classes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.classes.is_empty()
+    }
+    /// The class index of a domain id.
+    pub fn class_of(&self, domain_id: i64) -> Option<usize> {
+        self.classes.iter().position(|c| c.0 == domain_id)
+    }
+    /// Display names (falling back to the id).
+    pub fn names(&self) -> Vec<String> {
+        self.classes
+            .iter()
+            .map(|(id, n)| {
+                if n.is_empty() {
+                    format!("domain {id}")
+                } else {
+                    n.clone()
+                }
+            })
+            .collect()
+    }
+}
+
+/// Writes pretty JSON.
+pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<(), StageError> {
+    std::fs::write(path, serde_json::to_vec_pretty(v).expect("json"))
+        .map_err(|e| StageError::io(path, e))
+}
+
+/// Reads JSON.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StageError> {
+    let b = std::fs::read(path).map_err(|e| StageError::io(path, e))?;
+    serde_json::from_slice(&b)
+        .map_err(|e| StageError::input(format!("'{}' is not valid: {e}", path.display())))
+}
+
+/// A seed for step `step` of a run seeded with `seed` (splitmix64 of both).
+pub fn step_seed(seed: u64, step: u64) -> u64 {
+    let mut z = seed
+        ^ step
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
