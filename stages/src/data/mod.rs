@@ -18,6 +18,7 @@
 //! | [`phantom_render`] | anatomy x style -> CT image, labels, truth                   |
 //! | [`export`]      | Zarr volume items back to NIfTI                                 |
 
+pub mod array_store;
 pub mod croppad;
 pub mod error;
 pub mod export;
