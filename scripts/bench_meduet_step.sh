@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-cargo build --release -p meduet-stages --example bench_meduet_step
+cargo build --release -p meduet-torch --example bench_meduet_step
 exec "$MEDUET_VENV/bin/python" scripts/bench_meduet_step.py "$@"

@@ -8,7 +8,6 @@ use indicatif::MultiProgress;
 use meduet_cache::{Store, Versions};
 use meduet_engine::plan::{load_history, plan, select, StageStatus};
 use meduet_engine::progress::Reporter;
-use meduet_engine::spec::ExecSpec;
 use meduet_engine::{ExecEnv, Outcome, Pipeline, Registry, RunOptions};
 
 use crate::cli::{CacheArg, Cli, Command, GraphFormat};

@@ -17,9 +17,9 @@ use meduet_engine::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::configs::meduet::Config as MeduetConfig;
 use crate::kinds::preset::apply_overrides;
 use crate::kinds::vae::{Amp, LATENTS, TORCH};
-use crate::models::meduet::Config as MeduetConfig;
 use crate::sampling::{Augment, Sampling};
 
 /// A pretrained MeDUET model.

@@ -22,9 +22,9 @@ use meduet_engine::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::configs::vae::Config as VaeConfig;
 use crate::kinds::preset::apply_overrides;
 use crate::kinds::resample::VOLUMES;
-use crate::models::vae::Config as VaeConfig;
 use crate::sampling::Augment;
 
 /// A trained or imported VAE.

@@ -1,3 +1,12 @@
-//! Networks that only the worker needs.
+//! Networks in tch: shared transformer blocks, the MAISI VAE, MeDUET, and a 3-D patch
+//! discriminator for adversarial VAE training.
 
+pub mod attention;
+pub mod block;
 pub mod discriminator;
+pub mod init;
+pub mod meduet;
+pub mod mlp;
+pub mod patch_embed;
+pub mod pos_embed;
+pub mod vae;

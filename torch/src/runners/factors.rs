@@ -7,11 +7,11 @@
 
 use std::collections::BTreeMap;
 
+use crate::models::meduet::{Config, MeDuet};
 use meduet_engine::{StageContext, StageError};
 use meduet_stages::data::array_store::read_array_f32;
 use meduet_stages::kinds::pretrain::{ExtractFactors, ExtractFactorsParams, Weights};
 use meduet_stages::kinds::vae::LATENT_ZARR;
-use meduet_stages::models::meduet::{Config, MeDuet};
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 

@@ -10,12 +10,12 @@
 
 use std::sync::Arc;
 
+use crate::models::meduet::{Masks, MeDuet, StepInfo, Teacher};
 use meduet_engine::{StageContext, StageError};
 use meduet_stages::kinds::pretrain::{meduet_config, Pretrain, PretrainParams};
 use meduet_stages::kinds::vae::Amp;
-use meduet_stages::models::meduet::{Masks, MeDuet, StepInfo, Teacher};
 use meduet_stages::sampling::{CropSampler, Prefetcher};
-use meduet_stages::train::schedule::{CosineLrScheduler, EmaSchedule};
+use meduet_stages::schedule::{CosineLrScheduler, EmaSchedule};
 use rand::SeedableRng;
 use tch::nn::VarStore;
 use tch::Tensor;

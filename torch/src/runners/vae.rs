@@ -11,19 +11,19 @@ use std::cell::RefCell;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::models::vae::{
+    decode_tiled, encode_tiled_latent, load_vae_safetensors, AutoencoderKlMaisi,
+    Config as VaeConfig, EncodeMode, TileConfig, TileNorm,
+};
 use meduet_engine::{StageContext, StageError};
 use meduet_stages::data::array_store::{read_array_f32, write_array_f32};
 use meduet_stages::data::volume::{affine_from_json, affine_to_json, mat_mul, VolumeOf};
 use meduet_stages::data::zarr_store::{read_zarr, write_zarr, Attrs};
 use meduet_stages::kinds::resample::IMAGE_ZARR;
 use meduet_stages::kinds::vae::*;
-use meduet_stages::models::vae::{
-    decode_tiled, encode_tiled_latent, load_vae_safetensors, AutoencoderKlMaisi,
-    Config as VaeConfig, EncodeMode, TileConfig, TileNorm,
-};
 use meduet_stages::plot::{montage, GrayImage};
 use meduet_stages::sampling::{CropSampler, Prefetcher};
-use meduet_stages::train::schedule::CosineLrScheduler;
+use meduet_stages::schedule::CosineLrScheduler;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tch::nn::VarStore;
@@ -424,8 +424,21 @@ pub fn encode(
         LatentMode::Sample => EncodeMode::Sample { seed },
         LatentMode::Mean => EncodeMode::Mean,
     };
+    let fits = v.shape.iter().zip(p.tile).all(|(&n, t)| n as i64 <= t);
     let (z, f) = with_vae(&vae_in.dir, dev, |vae| {
-        let z = encode_tiled_latent(vae, &x, &tiles, mode).map_err(fail)?;
+        let z = if fits {
+            // One tile covers the volume: whole-volume encoding (exact, one pass).
+            let _ng = tch::no_grad_guard();
+            let (mu, sigma) = vae.encode(&x.to_device(dev)).map_err(fail)?;
+            match mode {
+                EncodeMode::Mean => mu,
+                EncodeMode::Sample { seed } => {
+                    AutoencoderKlMaisi::sample_seeded(&mu, &sigma, seed).map_err(fail)?
+                }
+            }
+        } else {
+            encode_tiled_latent(vae, &x, &tiles, mode).map_err(fail)?
+        };
         Ok((z, vae.config().downsample_factor()))
     })?;
     let z = z

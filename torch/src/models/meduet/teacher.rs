@@ -1,6 +1,6 @@
 //! The EMA teacher: a frozen copy of the student in its own var store, moved towards the
 //! student after every optimizer step with `theta_T <- m theta_T + (1 - m) theta_S`
-//! (momentum from [`crate::train::schedule::EmaSchedule`]).
+//! (momentum from [`meduet_stages::schedule::EmaSchedule`]).
 //!
 //! As in the authors' `update_ema`, every named variable is averaged, the fixed position
 //! tables included (they are equal in both networks, so they stay put).

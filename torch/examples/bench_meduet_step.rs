@@ -12,9 +12,9 @@
 
 use std::time::Instant;
 
-use meduet_stages::models::meduet::{Config, Masks, MeDuet, StepInfo, Teacher};
-use meduet_stages::train::optim::{adamw, AdamWConfig};
-use meduet_stages::train::schedule::EmaSchedule;
+use meduet_stages::schedule::EmaSchedule;
+use meduet_torch::models::meduet::{Config, Masks, MeDuet, StepInfo, Teacher};
+use meduet_torch::train::optim::{AdamW, AdamWConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::{nn, Device, Kind, Tensor};
@@ -63,7 +63,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vs = nn::VarStore::new(device);
     let student = MeDuet::new(&vs.root(), &cfg)?;
     let teacher = Teacher::from_student(&vs, &cfg)?;
-    let mut opt = adamw(&vs, &AdamWConfig::default())?;
+    let mut opt = AdamW::new(
+        &vs,
+        AdamWConfig {
+            beta2: 0.95,
+            ..Default::default()
+        },
+    );
     let x = Tensor::randn(
         [args.batch, cfg.in_chans, cfg.crop, cfg.crop, cfg.crop],
         (Kind::Float, device),
@@ -95,7 +101,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         opt.zero_grad();
         l.total.backward();
         opt.clip_grad_norm(1.0);
-        opt.step();
+        opt.step(1e-4);
         teacher.update(&vs, ema.momentum(step))?;
         let loss = l.total.double_value(&[]);
         let dt = t0.elapsed().as_secs_f64() * 1e3;

@@ -22,8 +22,8 @@
 use std::process::Command;
 use std::time::Instant;
 
-use meduet_stages::models::vae::{encode_tiled, AutoencoderKlMaisi, Config, TileConfig, TileNorm};
 use meduet_stages::testing::python;
+use meduet_torch::models::vae::{encode_tiled, AutoencoderKlMaisi, Config, TileConfig, TileNorm};
 use tch::{nn, Device, Kind, Tensor};
 
 const MONAI_ENCODE: &str = r#"

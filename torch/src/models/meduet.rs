@@ -34,16 +34,15 @@
 //! default init, while the unused 2-D `patch_embed` is xavier-initialised (the quirk of
 //! `initialize_weights`).
 
-mod config;
 mod factors;
 mod losses;
 mod mask;
 mod teacher;
 
-pub use config::{Config, ConfigError, LossConfig, RecMaskPairing};
 pub use factors::{grad_reverse, Disentanglement, DomainClassifier, Entanglement, Mlp3};
 pub use losses::{LossValues, Losses, StepInfo};
 pub use mask::{MaskError, Masks};
+pub use meduet_stages::configs::meduet::{Config, ConfigError, LossConfig, RecMaskPairing};
 pub use teacher::Teacher;
 
 use tch::{nn, nn::Module, Device, Kind, Tensor};

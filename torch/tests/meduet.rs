@@ -7,13 +7,13 @@
 
 use std::path::{Path, PathBuf};
 
-use meduet_stages::models::meduet::{
+use meduet_stages::schedule::EmaSchedule;
+use meduet_stages::testing::run_python;
+use meduet_torch::models::meduet::{
     grad_reverse, Config, LossValues, Masks, MeDuet, RecMaskPairing, StepInfo, Teacher,
 };
-use meduet_stages::models::pos_embed::{interpolate_3d, sincos_1d, sincos_3d};
-use meduet_stages::testing::run_python;
-use meduet_stages::train::optim::{adamw, assign_weight_decay_groups, AdamWConfig};
-use meduet_stages::train::schedule::EmaSchedule;
+use meduet_torch::models::pos_embed::{interpolate_3d, sincos_1d, sincos_3d};
+use meduet_torch::train::optim::{AdamW, AdamWConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::{nn, Device, Kind, Tensor};
@@ -678,7 +678,11 @@ fn vit_b_names_and_parameter_count() {
     assert!((std - 0.02).abs() < 0.003, "{std}");
     let conv = &vars["embed_layer.proj.weight"];
     assert!(conv.abs().max().double_value(&[]) <= 1.0 / 16.0 + 1e-7);
-    let (decay, no_decay) = assign_weight_decay_groups(&vs);
+    let (decay, no_decay) = {
+        let opt = AdamW::new(&vs, AdamWConfig::default());
+        let (d, n) = opt.groups();
+        (d.len(), n.len())
+    };
     let expect_no_decay = vars
         .iter()
         .filter(|(n, t)| t.requires_grad() && (t.dim() <= 1 || n.ends_with(".bias")))
@@ -757,14 +761,13 @@ fn training_steps_reduce_loss() {
     cfg.loss.mftd_start_fraction = 0.0;
     let (vs, student) = build(&cfg, 8);
     let teacher = Teacher::from_student(&vs, &cfg).unwrap();
-    let mut opt = adamw(
+    let mut opt = AdamW::new(
         &vs,
-        &AdamWConfig {
-            lr: 1e-3,
+        AdamWConfig {
+            beta2: 0.95,
             ..Default::default()
         },
-    )
-    .unwrap();
+    );
     let (x, d, masks) = inputs(&cfg, 4, 8);
     let ema = EmaSchedule::meduet(8);
     let mut totals = Vec::new();
@@ -776,7 +779,7 @@ fn training_steps_reduce_loss() {
         opt.zero_grad();
         l.total.backward();
         opt.clip_grad_norm(1.0);
-        opt.step();
+        opt.step(1e-3);
         teacher.update(&vs, ema.momentum(step)).unwrap();
     }
     println!("total loss over 8 steps: {totals:?}");

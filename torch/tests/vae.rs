@@ -7,11 +7,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use meduet_stages::models::vae::{
+use meduet_stages::testing::{python, run_python};
+use meduet_torch::models::vae::{
     decode_tiled, encode_tiled, encode_tiled_latent, load_vae_safetensors, AutoencoderKlMaisi,
     Config, EncodeMode, TileConfig, TileNorm, VaeError,
 };
-use meduet_stages::testing::{python, run_python};
 use tch::{nn, Device, Kind, Tensor};
 
 /// MONAI model with the paper's constructor arguments at a reduced width (two width

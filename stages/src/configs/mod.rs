@@ -1,0 +1,5 @@
+//! Network configurations as plain data (serde): what pipeline files set and what the
+//! `meduet-torch` worker builds networks from.
+
+pub mod meduet;
+pub mod vae;
