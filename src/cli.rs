@@ -86,6 +86,16 @@ pub enum Command {
         #[command(flatten)]
         cache: CacheArg,
     },
+    /// Write a stage's volume and label outputs back to NIfTI (one folder per subject).
+    Export {
+        pipeline: PathBuf,
+        stage: String,
+        /// Destination folder.
+        #[arg(long)]
+        to: PathBuf,
+        #[command(flatten)]
+        cache: CacheArg,
+    },
     /// Remove objects not reachable from the last run of any pipeline or a pin.
     Gc {
         /// A pipeline file whose cache to collect (or use --cache).

@@ -269,6 +269,58 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Export {
+            pipeline,
+            stage,
+            to,
+            cache,
+        } => {
+            let p = load(&pipeline, &registry)?;
+            let store = existing_store(
+                &Some(pipeline.clone()),
+                &CacheArg {
+                    cache: Some(cache_dir(&p, &cache)),
+                },
+                &registry,
+            )?;
+            let obj = stage_object(&p, &store, &stage)?;
+            let def = p.stage(&stage).expect("stage exists");
+            let mut written = 0;
+            for out in def.kind.outputs() {
+                let dirs: Vec<(String, PathBuf)> = if out.ty.collection {
+                    meduet_engine::collection::read_items(&store, &obj.dir, out.name)
+                        .map_err(anyhow::Error::msg)?
+                        .into_iter()
+                        .map(|it| (it.id, it.dir))
+                        .collect()
+                } else {
+                    vec![(out.name.to_string(), obj.output_dir(out.name))]
+                };
+                for (name, dir) in dirs {
+                    let has_volume = std::fs::read_dir(&dir)
+                        .map(|d| {
+                            d.filter_map(|e| e.ok())
+                                .any(|e| e.path().extension().is_some_and(|x| x == "zarr"))
+                        })
+                        .unwrap_or(false);
+                    if !has_volume {
+                        continue;
+                    }
+                    match meduet_stages::data::export::export_volume_item(&dir, &to.join(&name)) {
+                        Ok(files) => written += files.len(),
+                        Err(e) => bail!("cannot export '{name}' of stage '{stage}': {e}"),
+                    }
+                }
+            }
+            if written == 0 {
+                bail!(
+                    "stage '{stage}' ({}) has no volume or label outputs to export",
+                    def.kind.kind()
+                );
+            }
+            println!("wrote {written} NIfTI file(s) under {}", to.display());
+            Ok(0)
+        }
         Command::Gc {
             pipeline,
             dry_run,

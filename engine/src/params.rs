@@ -281,10 +281,27 @@ pub fn find_absolute_paths(params: &serde_json::Value) -> Vec<(String, String)> 
     found
 }
 
-/// Canonical bytes of a JSON value: compact, object keys sorted (serde_json's default
-/// map is ordered), numbers in serde_json's shortest round-trip form.
+/// Canonical bytes of a JSON value: compact, object keys sorted at every level (sorted
+/// explicitly: another crate in the build may switch on serde_json's `preserve_order`),
+/// numbers in serde_json's shortest round-trip form.
 pub fn canonical_bytes(v: &serde_json::Value) -> Vec<u8> {
-    serde_json::to_vec(v).expect("json serializes")
+    serde_json::to_vec(&sorted(v)).expect("json serializes")
+}
+
+fn sorted(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            serde_json::Value::Object(
+                keys.into_iter()
+                    .map(|k| (k.clone(), sorted(&m[k])))
+                    .collect(),
+            )
+        }
+        serde_json::Value::Array(a) => serde_json::Value::Array(a.iter().map(sorted).collect()),
+        other => other.clone(),
+    }
 }
 
 /// Lists the differences between two parameter sets as `(path, old, new)`.

@@ -96,7 +96,18 @@ pub fn execute_in_worker(
         .map_err(|e| StageError::failed(e.to_string()))?;
     let bin = worker_binary(worker)?;
     tracing::debug!("starting worker {} for stage '{}'", bin.display(), p.stage);
-    let mut child = Command::new(&bin)
+    let mut cmd = Command::new(&bin);
+    // The worker dies with the thread that started it (a killed `meduet run` leaves no
+    // orphan computing behind its back).
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .arg("exec-stage")
         .arg("--spec")
         .arg(&spec_path)

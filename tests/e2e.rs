@@ -1,0 +1,318 @@
+//! Slow end-to-end checks of the whole method on tiny phantoms (CPU, a few minutes in
+//! all): the pipeline through `probe`, resuming a killed pretraining, VAE training quality,
+//! latent reuse between pipelines, Python interop of the artifacts, NIfTI export.
+//!
+//! Run alone with `cargo test --release --test e2e`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn meduet() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_meduet"));
+    c.env_remove("MEDUET_CACHE").env("MEDUET_LOG", "info");
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn run_ok(args: &[&str]) -> Output {
+    let out = meduet().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "meduet {args:?} failed:\n{}",
+        text(&out)
+    );
+    out
+}
+
+fn python() -> PathBuf {
+    meduet_stages::testing::python()
+}
+
+fn py(code: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "python failed: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A pipeline small enough for CI: 4 domains x 3 subjects at 3 mm, a 6-step VAE, a
+/// 10-step MeDUET on 16^3 latent crops.
+const TINY: &str = r#"
+name = "tiny"
+[stages.phantom]
+kind = "phantom"
+domains = 4
+subjects_per_domain = 3
+shape = [48, 48, 40]
+spacing = [3.0, 3.0, 3.0]
+seed = 1
+[stages.ingest]
+kind = "ingest"
+inputs = { datasets = "phantom.datasets" }
+[stages.resample]
+kind = "resample"
+inputs = { subjects = "ingest.subjects" }
+spacing = [3.0, 3.0, 3.0]
+min_size = [64, 64, 64]
+[stages.vae]
+kind = "vae_train"
+inputs = { volumes = "resample.volumes" }
+steps = 6
+crop = [32, 32, 32]
+checkpoint_every = 3
+[stages.encode]
+kind = "vae_encode"
+inputs = { vae = "vae.vae", volumes = "resample.volumes" }
+[stages.pretrain]
+kind = "pretrain"
+inputs = { latents = "encode.latents" }
+steps = 10
+batch_size = 4
+model = { crop = 16 }
+checkpoint_every = 3
+[stages.factors]
+kind = "extract_factors"
+inputs = { model = "pretrain.model", latents = "encode.latents" }
+[stages.probe]
+kind = "probe"
+inputs = { factors = "factors.factors" }
+folds = 3
+tsne_iterations = 300
+"#;
+
+fn object_of(dir: &Path, pipeline: &str, stage: &str) -> PathBuf {
+    let out = run_ok(&["show", &dir.join(pipeline).to_string_lossy(), stage]);
+    let t = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = t
+        .lines()
+        .find(|l| l.starts_with("object"))
+        .expect("object line");
+    PathBuf::from(line.split_whitespace().nth(1).unwrap())
+}
+
+fn computed_stages(out: &Output) -> Vec<String> {
+    let t = text(out);
+    let mut v: Vec<String> = t
+        .lines()
+        .filter(|l| l.contains("✓ "))
+        .map(|l| {
+            l.split("✓ ")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn tiny_method_pipeline_end_to_end() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("tiny.toml"), TINY).unwrap();
+    let p = d.path().join("tiny.toml").to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    let out = run_ok(&["run", &p]);
+    assert_eq!(
+        computed_stages(&out),
+        ["encode", "factors", "ingest", "phantom", "pretrain", "probe", "resample", "vae"]
+    );
+    println!("tiny pipeline: {:.1}s", t0.elapsed().as_secs_f64());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("probe.report: "),
+        "the run prints where the probe results are"
+    );
+
+    // Probe outputs exist and are well formed.
+    let report = object_of(d.path(), "tiny.toml", "probe").join("out/report");
+    let j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("probe.json")).unwrap()).unwrap();
+    for f in ["content", "style"] {
+        let r = &j[format!("domain_from_{f}")];
+        let acc = r["probe"]["accuracy"].as_f64().unwrap();
+        let auc = r["probe"]["macro_auc"].as_f64().unwrap();
+        assert!(
+            (0.0..=1.0).contains(&acc) && (0.0..=1.0).contains(&auc),
+            "{r}"
+        );
+        assert_eq!(r["probe"]["samples"], 12);
+        assert_eq!(r["probe"]["classes"], 4);
+        assert!(r["silhouette"].as_f64().unwrap().abs() <= 1.0);
+    }
+    assert!(j["has_lesion_from_factors"]["content"]["accuracy"].is_number());
+    let md = std::fs::read_to_string(report.join("probe.md")).unwrap();
+    assert!(md.contains("| domain | content |") && md.contains("| domain | style |"));
+    let png = std::fs::read(report.join("tsne.png")).unwrap();
+    assert!(png.starts_with(&[0x89, b'P', b'N', b'G']) && png.len() > 10_000);
+
+    // The factor table is readable from Python.
+    let factors = object_of(d.path(), "tiny.toml", "factors").join("out/factors");
+    let shapes = py(
+        "import sys, csv\nfrom safetensors.numpy import load_file\nt = load_file(sys.argv[1] + '/factors.safetensors')\nrows = list(csv.DictReader(open(sys.argv[1] + '/subjects.csv')))\nprint(t['content'].shape, t['style'].shape, t['domain_id'].tolist() == [int(r['domain_id']) for r in rows], len(rows))",
+        &[&factors.to_string_lossy()],
+    );
+    assert_eq!(shapes.trim(), "(12, 96) (12, 24) True 12");
+
+    // Latents open in zarr-python with the documented layout and attributes.
+    let enc = object_of(d.path(), "tiny.toml", "encode");
+    let refs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(enc.join("refs.json")).unwrap()).unwrap();
+    let first_key = refs["keys"][0].as_str().unwrap();
+    let latent = enc
+        .parent()
+        .unwrap()
+        .join(first_key)
+        .join("out/latents/latent.zarr");
+    let info = py(
+        "import sys, zarr, numpy as np\na = zarr.open_array(sys.argv[1], mode='r')\nprint(a.shape, a.dtype, a.attrs['mode'], len(a.attrs['vae_digest']), np.isfinite(a[:]).all())",
+        &[&latent.to_string_lossy()],
+    );
+    assert_eq!(info.trim(), "(4, 16, 16, 16) float32 sample 64 True");
+
+    // Export of the resampled volumes to NIfTI, read back by nibabel with the same affine.
+    let out_dir = d.path().join("nifti");
+    run_ok(&["export", &p, "resample", "--to", &out_dir.to_string_lossy()]);
+    let subj: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(subj.len(), 12);
+    let check = py(
+        "import sys, nibabel as nib, zarr, numpy as np\ni = nib.load(sys.argv[1] + '/image.nii.gz')\nprint(i.shape, nib.aff2axcodes(i.affine), i.get_fdata().max() <= 1.0)",
+        &[&subj[0].to_string_lossy()],
+    );
+    assert_eq!(check.trim(), "(64, 64, 64) ('R', 'A', 'S') True");
+    let e = meduet()
+        .args(["export", &p, "probe", "--to", &out_dir.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(
+        !e.status.success() && text(&e).contains("no volume or label outputs"),
+        "{}",
+        text(&e)
+    );
+
+    // A second pipeline that differs only downstream of the encoder reuses the latents.
+    std::fs::write(
+        d.path().join("ablation.toml"),
+        "name = \"ablation\"\ninclude = [\"tiny.toml\"]\n[stages.pretrain]\nmodel = { crop = 16, demix = false }\n",
+    )
+    .unwrap();
+    let out = run_ok(&["run", &d.path().join("ablation.toml").to_string_lossy()]);
+    assert_eq!(
+        computed_stages(&out),
+        ["factors", "pretrain", "probe"],
+        "{}",
+        text(&out)
+    );
+    let plan = run_ok(&["plan", &p]);
+    assert!(text(&plan).contains("8 of 8 stage(s) cached"));
+}
+
+/// The loss trace of a pretraining killed after a checkpoint and resumed equals an
+/// uninterrupted run's.
+#[test]
+fn killed_pretraining_resumes_with_identical_losses() {
+    let d = tempfile::tempdir().unwrap();
+    let pipe = TINY.replace("steps = 10\nbatch_size = 4", "steps = 12\nbatch_size = 4");
+    let a = d.path().join("a");
+    let b = d.path().join("b");
+    for dir in [&a, &b] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("p.toml"), &pipe).unwrap();
+    }
+    let pa = a.join("p.toml").to_string_lossy().into_owned();
+    let pb = b.join("p.toml").to_string_lossy().into_owned();
+    run_ok(&["run", &pa, "--only", "pretrain", "--threads", "2"]);
+    // b: run until the pretraining has written its second checkpoint, then kill it.
+    run_ok(&["run", &pb, "--only", "encode", "--threads", "2"]);
+    let mut child = meduet()
+        .args(["run", &pb, "--only", "pretrain", "--threads", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let scratch = b.join(".meduet/scratch");
+    loop {
+        let latest = std::fs::read_dir(&scratch).ok().and_then(|rd| {
+            rd.filter_map(|e| e.ok())
+                .find_map(|e| std::fs::read_to_string(e.path().join("latest")).ok())
+        });
+        if latest.as_deref().map(str::trim) == Some("checkpoint-00000006") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SIGKILL the scheduler: its worker dies with it (parent-death signal).
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let orphans = Command::new("pgrep")
+        .args([
+            "-f",
+            &format!("exec-stage .*{}", b.join(".meduet").display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        orphans.stdout.is_empty(),
+        "no worker survives its scheduler: {}",
+        String::from_utf8_lossy(&orphans.stdout)
+    );
+    let out = run_ok(&["run", &pb, "--only", "pretrain", "--threads", "2"]);
+    assert!(
+        text(&out).contains("resuming from the checkpoint at step"),
+        "{}",
+        text(&out)
+    );
+    let la =
+        std::fs::read_to_string(object_of(&a, "p.toml", "pretrain").join("out/model/losses.jsonl"))
+            .unwrap();
+    let lb =
+        std::fs::read_to_string(object_of(&b, "p.toml", "pretrain").join("out/model/losses.jsonl"))
+            .unwrap();
+    let totals = |s: &str| {
+        s.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| {
+                (
+                    v["step"].as_u64().unwrap(),
+                    v["total"].as_f64().unwrap(),
+                    v["rec"].as_f64().unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let (ta, tb) = (totals(&la), totals(&lb));
+    assert_eq!(ta.len(), 12);
+    assert_eq!(
+        ta, tb,
+        "the resumed run's losses equal the uninterrupted run's"
+    );
+}
