@@ -498,11 +498,11 @@ fn gradient_reversal_flips_content_gradient() {
     let (pc_plain, qkv_plain, cls_plain, _) = grads(-1.0);
     assert!(pc_grl.abs().sum(Kind::Float).double_value(&[]) > 0.0);
     assert!(
-        pc_grl.allclose(&(-&pc_plain), 1e-6, 1e-9, false),
+        pc_grl.allclose(&(-&pc_plain), 1e-4, 1e-8, false),
         "content factorizer gradient flips"
     );
     assert!(
-        qkv_grl.allclose(&(-&qkv_plain), 1e-6, 1e-9, false),
+        qkv_grl.allclose(&(-&qkv_plain), 1e-4, 1e-8, false),
         "encoder gradient flips"
     );
     assert!(

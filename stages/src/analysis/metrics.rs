@@ -72,8 +72,8 @@ mod tests {
         assert_eq!(auc(&[0.1, 0.2, 0.8, 0.9], &[false, false, true, true]), 1.0);
         assert_eq!(auc(&[0.9, 0.8, 0.2, 0.1], &[false, false, true, true]), 0.0);
         assert_eq!(auc(&[0.5, 0.5, 0.5, 0.5], &[false, true, false, true]), 0.5);
-        // sklearn.metrics.roc_auc_score([0,1,0,1], [0.1,0.4,0.35,0.8]) = 0.75
-        assert!((auc(&[0.1, 0.4, 0.35, 0.8], &[false, true, false, true]) - 0.75).abs() < 1e-12);
+        // sklearn.metrics.roc_auc_score([0,0,1,1], [0.1,0.4,0.35,0.8]) = 0.75
+        assert!((auc(&[0.1, 0.4, 0.35, 0.8], &[false, false, true, true]) - 0.75).abs() < 1e-12);
         assert!(auc(&[0.1], &[true]).is_nan());
     }
 
