@@ -391,6 +391,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
                 None => None,
             };
             for path in paths {
+                let t0 = std::time::Instant::now();
                 let digest = if path.is_dir() {
                     meduet_cache::hash_tree(&path, memo.as_ref())
                         .with_context(|| format!("cannot hash '{}'", path.display()))?
@@ -406,6 +407,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
                             .with_context(|| format!("cannot hash '{}'", path.display()))?,
                     }
                 };
+                tracing::debug!("hashed '{}' in {:.3} ms", path.display(), t0.elapsed().as_secs_f64() * 1e3);
                 println!("{digest}  {}", path.display());
             }
             Ok(0)
