@@ -3,7 +3,7 @@
 Written for this project from ``shared/design/method.md`` sections 2-3 (the authors'
 ``pretrain/models_MeDUET.py``, ``MFTD.py``, ``SiQC.py``). It depends on torch only (no timm, no
 MONAI) and mirrors the authors' module and attribute names, so ``state_dict()`` keys equal the
-authors' checkpoint keys and the variable names of ``stages/src/models/meduet.rs``:
+authors' checkpoint keys and the variable names of ``torch/src/models/meduet.rs``:
 
     embed_layer.proj.*, patch_embed.proj.* (unused 2-D), cls_token, mask_token, pos_embed,
     decoder_pos_embed, blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*, norm.*,

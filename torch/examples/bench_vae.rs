@@ -11,8 +11,8 @@
 //!
 //! ```text
 //! . scripts/env.sh
-//! cargo run --release -p meduet-stages --example bench_vae -- throughput [--size 96] [--threads 2] [--reps 3]
-//! cargo run --release -p meduet-stages --example bench_vae -- memory [--volume 512x512x300] [--tile 128] \
+//! cargo run --release -p meduet-torch --example bench_vae -- throughput [--size 96] [--threads 2] [--reps 3]
+//! cargo run --release -p meduet-torch --example bench_vae -- memory [--volume 512x512x300] [--tile 128] \
 //!     [--threads 2] [--modes global,per_tile] [--whole-sizes 64,96,128]
 //! ```
 //!
