@@ -34,7 +34,17 @@ fn py_prelude() -> String {
     )
 }
 
+/// libtorch's global generator is shared by the tests of this binary, which run in parallel:
+/// everything that seeds it or draws from it holds this lock, or a concurrent draw would give
+/// two "identical" builds different weights.
+static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn global_rng() -> std::sync::MutexGuard<'static, ()> {
+    GLOBAL_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn build(cfg: &Config, seed: i64) -> (nn::VarStore, MeDuet) {
+    let _rng = global_rng();
     tch::manual_seed(seed);
     let vs = nn::VarStore::new(Device::Cpu);
     let m = MeDuet::new(&vs.root(), cfg).expect("valid config");
@@ -42,6 +52,7 @@ fn build(cfg: &Config, seed: i64) -> (nn::VarStore, MeDuet) {
 }
 
 fn inputs(cfg: &Config, b: i64, seed: i64) -> (Tensor, Tensor, Masks) {
+    let _rng = global_rng();
     tch::manual_seed(seed);
     let x = Tensor::randn(
         [b, cfg.in_chans, cfg.crop, cfg.crop, cfg.crop],
@@ -461,8 +472,11 @@ fn each_mixed_sample_takes_half_from_each_source() {
 #[test]
 fn gradient_reversal_flips_content_gradient() {
     // the layer alone
-    let x = Tensor::randn([5, 7], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-    let c = Tensor::randn([5, 7], (Kind::Float, Device::Cpu));
+    let (x, c) = {
+        let _rng = global_rng();
+        let x = Tensor::randn([5, 7], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        (x, Tensor::randn([5, 7], (Kind::Float, Device::Cpu)))
+    };
     let y = grad_reverse(&x, 0.7);
     assert!(y.equal(&x.detach()), "forward must be exactly the identity");
     (&y * &c).sum(Kind::Float).backward();
@@ -497,18 +511,14 @@ fn gradient_reversal_flips_content_gradient() {
     let (pc_grl, qkv_grl, cls_grl, style_grad) = grads(1.0);
     let (pc_plain, qkv_plain, cls_plain, _) = grads(-1.0);
     assert!(pc_grl.abs().sum(Kind::Float).double_value(&[]) > 0.0);
-    assert!(
-        pc_grl.allclose(&(-&pc_plain), 1e-4, 1e-8, false),
-        "content factorizer gradient flips"
-    );
-    assert!(
-        qkv_grl.allclose(&(-&qkv_plain), 1e-4, 1e-8, false),
-        "encoder gradient flips"
-    );
-    assert!(
-        cls_grl.allclose(&cls_plain, 1e-6, 1e-9, false),
-        "the classifier itself is unaffected"
-    );
+    // Relative error in norm: CPU kernels may reduce in another order on other machines, so
+    // element-wise tolerances fail on entries that are themselves rounding noise.
+    let e = tensor_rel_err(&pc_grl, &(-&pc_plain));
+    assert!(e < 1e-4, "content factorizer gradient flips (relative error {e:e})");
+    let e = tensor_rel_err(&qkv_grl, &(-&qkv_plain));
+    assert!(e < 1e-4, "encoder gradient flips (relative error {e:e})");
+    let e = tensor_rel_err(&cls_grl, &cls_plain);
+    assert!(e < 1e-5, "the classifier itself is unaffected (relative error {e:e})");
     assert!(!style_grad, "no style loss, no style gradient");
 }
 
