@@ -14,6 +14,7 @@ pub mod kinds;
 pub mod plot;
 pub mod sampling;
 pub mod schedule;
+pub mod segmentation;
 pub mod testing;
 
 /// Every stage kind meduet knows: the utility kinds of the engine plus this crate's.
