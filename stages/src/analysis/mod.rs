@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod logistic;
 pub mod metrics;
+pub mod synthesis;
 pub mod tsne;
 
 /// A dense row-major matrix of `rows x cols` f64 values.

@@ -18,7 +18,11 @@
 //! | `pretrain`        | MeDUET pretraining                                              |
 //! | `extract_factors` | per-subject content and style vectors                           |
 //! | `probe`           | factor identifiability: linear probes, silhouettes, t-SNE       |
+//! | `diffusion_train` | DiT / SiT on latents, conditioned on MeDUET factors             |
+//! | `sample`          | dual-CFG sampling, VAE decoding, NIfTI + montage                |
+//! | `synthesis_metrics` | FID, MMD (3-D feature network), MS-SSIM diversity             |
 
+pub mod diffusion;
 pub mod ingest;
 pub mod phantom;
 pub mod preset;
@@ -39,5 +43,8 @@ pub fn register(r: &mut meduet_engine::Registry) {
         .register(vae::VaeDecode)
         .register(pretrain::Pretrain)
         .register(pretrain::ExtractFactors)
-        .register(probe::Probe);
+        .register(probe::Probe)
+        .register(diffusion::DiffusionTrain)
+        .register(diffusion::Sample)
+        .register(diffusion::SynthesisMetrics);
 }

@@ -4,9 +4,11 @@
 pub mod attention;
 pub mod block;
 pub mod discriminator;
+pub mod dit;
 pub mod init;
 pub mod meduet;
 pub mod mlp;
 pub mod patch_embed;
 pub mod pos_embed;
+pub mod resnet3d;
 pub mod vae;

@@ -1,0 +1,589 @@
+//! Declarations of the synthesis kinds (their code runs in the `meduet-torch` worker).
+//!
+//! | kind                | inputs                                   | output(s)            | does |
+//! |---------------------|------------------------------------------|----------------------|------|
+//! | `diffusion_train`   | `latents`, `factors`?, `meduet`?         | `model`              | DiT (DDPM, epsilon) or SiT (linear interpolant, velocity) on latent crops, dual CFG dropout |
+//! | `sample`            | `model`, `vae`, `factors`?               | `volumes`, `samples` | DDPM ancestral / Euler-Maruyama SDE / ODE sampling with dual CFG, VAE decode, NIfTI + montage |
+//! | `synthesis_metrics` | `generated`, `real`                      | `report`             | FID, MMD (feature network), MS-SSIM diversity |
+//!
+//! A `diffusion` artifact holds `model.safetensors` (the trained weights) and
+//! `ema.safetensors` (the EMA weights sampling uses), with the authors' parameter names;
+//! `config.json` (network, method, diffusion schedule, latent scale factor, training
+//! parameters); `conditions.safetensors` + `conditions.json` (the training subjects'
+//! condition vectors: the bank that sampling draws from); `losses.jsonl` and `losses.png`.
+
+use meduet_engine::{
+    Arity, ArtifactType, DeviceRequest, InputSpec, OutputSpec, Resources, Runtime, SourcePath,
+    Stage,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::configs::dit::Config as DitConfig;
+use crate::kinds::preset::apply_overrides;
+use crate::kinds::pretrain::{FACTORS, MEDUET};
+use crate::kinds::resample::VOLUMES;
+use crate::kinds::vae::{Amp, LATENTS, TORCH, VAE};
+
+/// A trained latent diffusion model.
+pub const DIFFUSION: ArtifactType = ArtifactType::single("diffusion");
+/// Generated samples (NIfTI files, montage, conditions).
+pub const SAMPLES: ArtifactType = ArtifactType::single("samples");
+/// A metrics report.
+pub const SYNTHESIS_REPORT: ArtifactType = ArtifactType::single("synthesis_report");
+
+/// Named DiT/SiT sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DitPreset {
+    /// 96 x 2, 4 heads, 16^3 latent crop: CPU quickstart and tests.
+    #[default]
+    Tiny,
+    /// S/4: 384 x 12, 6 heads, 64 x 64 x 32.
+    S4,
+    /// B/4 (the paper): 768 x 12, 12 heads, 64 x 64 x 32.
+    B4,
+}
+
+impl DitPreset {
+    pub fn config(self) -> DitConfig {
+        match self {
+            DitPreset::Tiny => DitConfig::tiny(),
+            DitPreset::S4 => DitConfig::s4(),
+            DitPreset::B4 => DitConfig::b4(),
+        }
+    }
+}
+
+/// Resolves `preset` + `model` overrides (condition widths come from the data later).
+pub fn dit_config(
+    preset: DitPreset,
+    model: &serde_json::Map<String, serde_json::Value>,
+) -> Result<DitConfig, String> {
+    for k in ["content_dim", "style_dim", "metadata_dim"] {
+        if model.contains_key(k) {
+            return Err(format!(
+                "model.{k}: condition widths come from the data; do not set them"
+            ));
+        }
+    }
+    let cfg = apply_overrides(&preset.config(), model, "model")?;
+    cfg.validate().map_err(|e| format!("model: {e}"))?;
+    Ok(cfg)
+}
+
+/// DiT (DDPM) or SiT (stochastic interpolant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// DDPM, linear betas, epsilon prediction, integer timesteps.
+    #[default]
+    Dit,
+    /// Linear interpolant `x_t = t x + (1 - t) eps`, velocity prediction, `t` in [0, 1].
+    Sit,
+}
+
+/// How the DiT is initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DitInit {
+    /// The authors' random init.
+    #[default]
+    Scratch,
+    /// Patch embedding, resized position table, attention and MLP weights from a MeDUET
+    /// student (the `meduet` input).
+    Meduet,
+}
+
+/// The DDPM schedule (upstream DiT defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DdpmSchedule {
+    /// Diffusion steps T (1000).
+    pub timesteps: usize,
+    /// Linear betas from `beta_start` to `beta_end`, scaled by 1000/T (1e-4, 0.02).
+    pub beta_start: f64,
+    pub beta_end: f64,
+}
+
+impl Default for DdpmSchedule {
+    fn default() -> Self {
+        Self {
+            timesteps: 1000,
+            beta_start: 1e-4,
+            beta_end: 0.02,
+        }
+    }
+}
+
+/// `diffusion_train` parameters. Defaults: the authors' optimisation (AdamW lr 5e-5, wd 0,
+/// betas 0.9/0.999, EMA 0.9999, no clipping, no AMP), scaled to CPU steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiffusionTrainParams {
+    pub method: Method,
+    pub preset: DitPreset,
+    /// Network fields that differ from the preset (`condition`, `adaln`, `learn_sigma`,
+    /// sizes, `input_size` = the latent training crop).
+    pub model: serde_json::Map<String, serde_json::Value>,
+    pub init: DitInit,
+    pub schedule: DdpmSchedule,
+    pub steps: u64,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    /// Gradient-norm clip (0: off, as the authors' non-AMP path).
+    pub grad_clip: f64,
+    /// EMA decay of the sampling weights, updated every step (0.9999).
+    pub ema_decay: f64,
+    /// Probability of replacing the content (or metadata) condition by its null vector.
+    pub dropout_content: f64,
+    /// Probability of replacing the style condition by its null vector (independent).
+    pub dropout_style: f64,
+    /// Latent scale factor; `None`: 1/std of the first batch (the authors).
+    pub scale_factor: Option<f64>,
+    pub checkpoint_every: u64,
+    pub amp: Amp,
+    pub seed: u64,
+}
+
+impl Default for DiffusionTrainParams {
+    fn default() -> Self {
+        Self {
+            method: Method::Dit,
+            preset: DitPreset::Tiny,
+            model: Default::default(),
+            init: DitInit::Scratch,
+            schedule: DdpmSchedule::default(),
+            steps: 200,
+            batch_size: 4,
+            lr: 5e-5,
+            min_lr: 5e-6,
+            warmup_steps: 10,
+            beta1: 0.9,
+            beta2: 0.999,
+            weight_decay: 0.0,
+            grad_clip: 0.0,
+            ema_decay: 0.9999,
+            dropout_content: 0.2,
+            dropout_style: 0.2,
+            scale_factor: None,
+            checkpoint_every: 100,
+            amp: Amp::Off,
+            seed: 0,
+        }
+    }
+}
+
+fn gpu_default() -> Resources {
+    Resources {
+        threads: 0,
+        device: DeviceRequest::Auto,
+        memory_gb: None,
+    }
+}
+
+fn check_prob(name: &str, p: f64) -> Result<(), String> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(format!("{name}: {p} must be in [0, 1)"));
+    }
+    Ok(())
+}
+
+/// `diffusion_train`.
+pub struct DiffusionTrain;
+
+impl Stage for DiffusionTrain {
+    type Params = DiffusionTrainParams;
+    const KIND: &'static str = "diffusion_train";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str = "trains DiT (DDPM, epsilon) or SiT (linear interpolant, velocity) on latent crops, conditioned on MeDUET factors with dual classifier-free dropout";
+    fn inputs(&self) -> Vec<InputSpec> {
+        vec![
+            InputSpec {
+                name: "latents",
+                ty: LATENTS,
+                arity: Arity::One,
+                doc: "per-subject whole-volume latents",
+            },
+            InputSpec {
+                name: "factors",
+                ty: FACTORS,
+                arity: Arity::Optional,
+                doc: "content/style vectors of the subjects (condition = factors)",
+            },
+            InputSpec {
+                name: "meduet",
+                ty: MEDUET,
+                arity: Arity::Optional,
+                doc: "a pretrained MeDUET (init = meduet)",
+            },
+        ]
+    }
+    fn outputs(&self) -> Vec<OutputSpec> {
+        vec![OutputSpec {
+            name: "model",
+            ty: DIFFUSION,
+            doc: "weights, EMA weights, config, condition bank, loss curve",
+        }]
+    }
+    fn default_resources(&self) -> Resources {
+        gpu_default()
+    }
+    fn runtime(&self) -> Runtime {
+        TORCH
+    }
+    fn seed(&self, p: &DiffusionTrainParams) -> Option<u64> {
+        Some(p.seed)
+    }
+    fn validate(&self, p: &DiffusionTrainParams) -> Result<(), String> {
+        dit_config(p.preset, &p.model)?;
+        if p.steps == 0 || p.batch_size == 0 {
+            return Err("steps: steps and batch_size must be positive".into());
+        }
+        if !(p.lr > 0.0) || p.min_lr < 0.0 || p.min_lr > p.lr {
+            return Err(format!(
+                "lr: lr {} and min_lr {} must satisfy 0 <= min_lr <= lr, lr > 0",
+                p.lr, p.min_lr
+            ));
+        }
+        if !(0.0..=1.0).contains(&p.ema_decay) {
+            return Err(format!("ema_decay: {} must be in [0, 1]", p.ema_decay));
+        }
+        check_prob("dropout_content", p.dropout_content)?;
+        check_prob("dropout_style", p.dropout_style)?;
+        if let Some(s) = p.scale_factor {
+            if !(s > 0.0) || !s.is_finite() {
+                return Err(format!("scale_factor: {s} must be positive"));
+            }
+        }
+        let sc = &p.schedule;
+        if sc.timesteps < 2 || !(sc.beta_start > 0.0) || !(sc.beta_end > sc.beta_start) {
+            return Err(format!(
+                "schedule: timesteps {} >= 2 and 0 < beta_start {} < beta_end {} are required",
+                sc.timesteps, sc.beta_start, sc.beta_end
+            ));
+        }
+        if sc.beta_end * 1000.0 / sc.timesteps as f64 >= 1.0 {
+            return Err("schedule: beta_end * 1000 / timesteps must stay below 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Which sampler `sample` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampler {
+    /// DDPM ancestral for DiT, Euler-Maruyama SDE for SiT (the authors).
+    #[default]
+    Auto,
+    /// DDPM ancestral sampling on a respaced schedule (DiT).
+    Ddpm,
+    /// Euler-Maruyama on the SiT SDE, diffusion `w_t = norm * sigma_t`, "Mean" last step.
+    Sde,
+    /// Deterministic probability-flow ODE of the SiT velocity field (fixed steps).
+    Ode,
+}
+
+/// Fixed-step ODE integrator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OdeMethod {
+    Euler,
+    /// Heun's second-order method (two evaluations per step, one on the last).
+    #[default]
+    Heun,
+}
+
+/// The DDPM reverse variance (the network predicts no variance).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DdpmVariance {
+    /// `beta_t` (improved-diffusion FIXED_LARGE, DiT's choice without learned sigma).
+    #[default]
+    Large,
+    /// The posterior variance `beta~_t` (FIXED_SMALL).
+    Small,
+}
+
+/// Which guidance weight multiplies which branch difference (method.md 4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GuidanceNaming {
+    /// The authors' code: `o = o_00 + w_c (o_0s - o_00) + w_s (o_c0 - o_00)` (the weights
+    /// are swapped relative to their names; harmless at w_c = w_s).
+    #[default]
+    Code,
+    /// The paper's Eq. 24: `o = o_00 + w_c (o_c0 - o_00) + w_s (o_0s - o_00)`.
+    Paper,
+}
+
+/// Dual classifier-free guidance weights (1 = conditional without guidance, 0 = null).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuidanceParams {
+    pub content: f64,
+    pub style: f64,
+    pub naming: GuidanceNaming,
+}
+
+impl Default for GuidanceParams {
+    fn default() -> Self {
+        Self {
+            content: 3.0,
+            style: 3.0,
+            naming: GuidanceNaming::Code,
+        }
+    }
+}
+
+/// Which weights of a trained model sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleWeights {
+    /// The EMA weights (the authors).
+    #[default]
+    Ema,
+    /// The last training weights (useful when a short run leaves the EMA near its init).
+    Model,
+}
+
+/// `sample` parameters (defaults: the authors' sampling, 250 steps, w = 3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleParams {
+    pub num_samples: usize,
+    pub weights: SampleWeights,
+    /// Samples per forward pass (each guided step evaluates 3x this batch).
+    pub batch_size: usize,
+    pub sampler: Sampler,
+    /// Sampling steps (DDPM: respaced steps; SDE/ODE: time points).
+    pub steps: usize,
+    pub guidance: GuidanceParams,
+    /// Subject ids whose content vectors condition the samples (cycled); empty: drawn at
+    /// random with replacement from the bank, independently of the style.
+    pub content_from: Vec<String>,
+    /// Subject ids whose style vectors condition the samples (cycled); empty: random.
+    pub style_from: Vec<String>,
+    pub ddpm_variance: DdpmVariance,
+    pub ode_method: OdeMethod,
+    /// SDE: the "Mean" last step size (0.04) and the diffusion norm (1.0).
+    pub last_step_size: f64,
+    pub diffusion_norm: f64,
+    /// Decode with the VAE in overlapping tiles of this many latent voxels (0: whole).
+    pub decode_tile: i64,
+    /// Samples shown in the montage.
+    pub montage: usize,
+    pub seed: u64,
+}
+
+impl Default for SampleParams {
+    fn default() -> Self {
+        Self {
+            num_samples: 4,
+            weights: SampleWeights::Ema,
+            batch_size: 2,
+            sampler: Sampler::Auto,
+            steps: 250,
+            guidance: GuidanceParams::default(),
+            content_from: vec![],
+            style_from: vec![],
+            ddpm_variance: DdpmVariance::Large,
+            ode_method: OdeMethod::Heun,
+            last_step_size: 0.04,
+            diffusion_norm: 1.0,
+            decode_tile: 0,
+            montage: 4,
+            seed: 0,
+        }
+    }
+}
+
+/// `sample`.
+pub struct Sample;
+
+impl Stage for Sample {
+    type Params = SampleParams;
+    const KIND: &'static str = "sample";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str = "samples latents with dual classifier-free guidance (DDPM / SDE / ODE), decodes them with the VAE, writes NIfTI and a montage";
+    fn inputs(&self) -> Vec<InputSpec> {
+        vec![
+            InputSpec {
+                name: "model",
+                ty: DIFFUSION,
+                arity: Arity::One,
+                doc: "a trained DiT/SiT",
+            },
+            InputSpec {
+                name: "vae",
+                ty: VAE,
+                arity: Arity::One,
+                doc: "the VAE that made the training latents",
+            },
+            InputSpec {
+                name: "factors",
+                ty: FACTORS,
+                arity: Arity::Optional,
+                doc: "reference subjects' factors (default: the training bank)",
+            },
+        ]
+    }
+    fn outputs(&self) -> Vec<OutputSpec> {
+        vec![
+            OutputSpec {
+                name: "volumes",
+                ty: VOLUMES,
+                doc: "per sample: image.zarr (exportable to NIfTI)",
+            },
+            OutputSpec {
+                name: "samples",
+                ty: SAMPLES,
+                doc: "sample_*.nii.gz, montage.png, samples.json (conditions, sampler)",
+            },
+        ]
+    }
+    fn default_resources(&self) -> Resources {
+        gpu_default()
+    }
+    fn runtime(&self) -> Runtime {
+        TORCH
+    }
+    fn seed(&self, p: &SampleParams) -> Option<u64> {
+        Some(p.seed)
+    }
+    fn validate(&self, p: &SampleParams) -> Result<(), String> {
+        if p.num_samples == 0 || p.batch_size == 0 {
+            return Err("num_samples: num_samples and batch_size must be positive".into());
+        }
+        if p.steps < 2 {
+            return Err(format!("steps: {} must be at least 2", p.steps));
+        }
+        if !(0.0..1.0).contains(&p.last_step_size) || p.diffusion_norm < 0.0 {
+            return Err(format!(
+                "last_step_size: {} must be in [0, 1) and diffusion_norm {} >= 0",
+                p.last_step_size, p.diffusion_norm
+            ));
+        }
+        if p.decode_tile < 0 {
+            return Err("decode_tile: must be >= 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// The 3-D feature network of FID and MMD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureNetwork {
+    /// MedicalNet ResNet-10 (BasicBlock [1,1,1,1], dilated layers 3-4): 512-d.
+    MedicalnetResnet10,
+    /// MedicalNet ResNet-50 (Bottleneck [3,4,6,3], dilated layers 3-4): 2048-d.
+    MedicalnetResnet50,
+}
+
+/// Intensity preprocessing before the feature network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureNorm {
+    /// Clip to [0, 1] and z-score per volume, `(v - mean) / (std + 1e-5)` (MONAI/MAISI).
+    #[default]
+    Zscore,
+    /// Clip to [0, 1] only.
+    Unit,
+}
+
+/// `synthesis_metrics` parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynthesisMetricsParams {
+    pub network: FeatureNetwork,
+    /// The network's weights as safetensors (`scripts/convert_medicalnet.py` converts
+    /// MedicalNet `.pth` files); hashed by content.
+    pub weights: SourcePath,
+    #[serde(default)]
+    pub normalization: FeatureNorm,
+    /// Volumes are resized (trilinear) to this shape before the feature network; `None`:
+    /// each at its own size.
+    #[serde(default)]
+    pub resize: Option<[usize; 3]>,
+    /// MS-SSIM Gaussian kernel size (7) and scales (5); every axis must exceed
+    /// `(kernel - 1) * 2^(scales - 1)`.
+    #[serde(default = "seven")]
+    pub ms_ssim_kernel: usize,
+    #[serde(default = "five")]
+    pub ms_ssim_scales: usize,
+    /// At most this many generated pairs for MS-SSIM (all ordered pairs when 0).
+    #[serde(default)]
+    pub ms_ssim_max_pairs: usize,
+}
+
+fn seven() -> usize {
+    7
+}
+fn five() -> usize {
+    5
+}
+
+/// `synthesis_metrics`.
+pub struct SynthesisMetrics;
+
+impl Stage for SynthesisMetrics {
+    type Params = SynthesisMetricsParams;
+    const KIND: &'static str = "synthesis_metrics";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str = "FID and MMD on whole-volume features of a pretrained 3-D CT network, MS-SSIM diversity of the generated volumes";
+    fn inputs(&self) -> Vec<InputSpec> {
+        vec![
+            InputSpec {
+                name: "generated",
+                ty: VOLUMES,
+                arity: Arity::One,
+                doc: "generated volumes (the `sample` stage)",
+            },
+            InputSpec {
+                name: "real",
+                ty: VOLUMES,
+                arity: Arity::One,
+                doc: "real volumes (for example `resample.volumes`)",
+            },
+        ]
+    }
+    fn outputs(&self) -> Vec<OutputSpec> {
+        vec![OutputSpec {
+            name: "report",
+            ty: SYNTHESIS_REPORT,
+            doc: "metrics.json, metrics.md (values, feature network, preprocessing)",
+        }]
+    }
+    fn default_resources(&self) -> Resources {
+        gpu_default()
+    }
+    fn runtime(&self) -> Runtime {
+        TORCH
+    }
+    fn validate(&self, p: &SynthesisMetricsParams) -> Result<(), String> {
+        if p.ms_ssim_kernel < 3 || p.ms_ssim_kernel % 2 == 0 {
+            return Err(format!(
+                "ms_ssim_kernel: {} must be odd and at least 3",
+                p.ms_ssim_kernel
+            ));
+        }
+        if p.ms_ssim_scales == 0 || p.ms_ssim_scales > 5 {
+            return Err(format!(
+                "ms_ssim_scales: {} must be in 1..=5",
+                p.ms_ssim_scales
+            ));
+        }
+        if let Some(r) = p.resize {
+            if r.iter().any(|&v| v < 8) {
+                return Err(format!("resize: {r:?} must be at least 8 on every axis"));
+            }
+        }
+        Ok(())
+    }
+}
