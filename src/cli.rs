@@ -44,6 +44,20 @@ pub enum Command {
         /// CPU thread budget (default: all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Where stages run (default: the pipeline's [executor] default, else local).
+        #[arg(long, value_enum)]
+        executor: Option<ExecutorArg>,
+        /// With --executor slurm: submit the whole remaining graph as dependent jobs, print
+        /// their ids and exit.
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        cache: CacheArg,
+    },
+    /// Cancel the Slurm jobs of a pipeline's runs (attached runs stop, detached chains are
+    /// scancelled).
+    Cancel {
+        pipeline: PathBuf,
         #[command(flatten)]
         cache: CacheArg,
     },
@@ -141,12 +155,27 @@ pub enum Command {
     Kinds { kind: Option<String> },
     /// Execute one stage from a spec written by the planner (what cluster jobs run).
     ExecStage {
-        #[arg(long)]
-        spec: PathBuf,
+        #[arg(long, required_unless_present = "pipeline", conflicts_with = "pipeline")]
+        spec: Option<PathBuf>,
         /// Cache folder (default: the folder holding specs/).
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// Compute only this item of a fan-out stage (a job array's task index).
+        #[arg(long, env = "MEDUET_ITEM_INDEX")]
+        item_index: Option<usize>,
+        /// Instead of a spec: plan stage --stage of this pipeline file now (its inputs
+        /// must exist) and execute it.
+        #[arg(long, requires = "stage")]
+        pipeline: Option<PathBuf>,
+        #[arg(long, requires = "pipeline")]
+        stage: Option<String>,
     },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutorArg {
+    Local,
+    Slurm,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]

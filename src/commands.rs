@@ -69,9 +69,12 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             force,
             keep_going,
             threads,
+            executor,
+            detach,
             cache,
         } => {
             let p = load(&pipeline, &registry)?;
+            let slurm = crate::slurm_cmds::wants_slurm(&p, executor, detach)?;
             let store = open_store(&cache_dir(&p, &cache))?;
             let env = env_for(store.clone(), &multi);
             let cancel = env.cancel.clone();
@@ -99,6 +102,9 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
                 p.stages.len(),
                 store.root().display()
             );
+            if slurm {
+                return crate::slurm_cmds::run(&p, &store, &env, &opts, detach);
+            }
             let result = meduet_engine::run(&p, &env, &opts);
             match &result {
                 Ok(summary) => print_summary(&p, &store, summary),
@@ -157,6 +163,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             };
             let planned = plan(&p, &store, &[], &[])?;
             let history = load_history(&store, &p);
+            let jobs = crate::slurm_cmds::status_jobs(&p, &store, &planned);
             println!("{:<24} {:<14} {:<14} details", "stage", "kind", "status");
             for s in planned {
                 let (status, details) = match &s.status {
@@ -192,6 +199,10 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
                     StageStatus::WillRun { key: None, .. } => {
                         ("pending".to_string(), "upstream not computed".to_string())
                     }
+                };
+                let (status, details) = match jobs.get(&s.name) {
+                    Some((st, d)) if status != "cached" => (st.clone(), format!("{d} {details}")),
+                    _ => (status, details),
                 };
                 let last = history
                     .stages
@@ -416,7 +427,29 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             kinds(&registry, kind.as_deref())?;
             Ok(0)
         }
-        Command::ExecStage { spec, cache } => {
+        Command::Cancel { pipeline, cache } => {
+            let p = load(&pipeline, &registry)?;
+            crate::slurm_cmds::cancel(&p, &cache_dir(&p, &cache))
+        }
+        Command::ExecStage {
+            spec,
+            cache,
+            item_index,
+            pipeline,
+            stage,
+        } => {
+            let spec = match (spec, pipeline, stage) {
+                (Some(s), _, _) => s,
+                (None, Some(pf), Some(stage)) => {
+                    let p = load(&pf, &registry)?;
+                    let dir = cache.clone().unwrap_or_else(|| p.cache_dir.clone());
+                    match crate::slurm_cmds::plan_stage_spec(&p, &dir, &stage)? {
+                        Some(s) => s,
+                        None => return Ok(0),
+                    }
+                }
+                _ => bail!("give --spec SPEC, or --pipeline FILE --stage NAME"),
+            };
             let spec_path = spec
                 .canonicalize()
                 .with_context(|| format!("spec '{}' not found", spec.display()))?;
@@ -426,16 +459,18 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             let env = env_for(store.clone(), &multi);
             let cancel = env.cancel.clone();
             let _ = ctrlc::set_handler(move || cancel.cancel());
-            match meduet_engine::exec_stage::exec_stage(
+            match meduet_engine::exec_stage::exec_stage_item(
                 &spec_path,
+                item_index,
                 store,
                 &registry,
                 &env,
                 &worker_cuda_devices,
             )? {
-                meduet_engine::exec_stage::ExecStage::Delegate(worker) => {
-                    Err(meduet_engine::exec_stage::delegate(worker, &spec_path, &dir).into())
-                }
+                meduet_engine::exec_stage::ExecStage::Delegate(worker) => Err(
+                    meduet_engine::exec_stage::delegate_item(worker, &spec_path, &dir, item_index)
+                        .into(),
+                ),
                 meduet_engine::exec_stage::ExecStage::Done(ex) => {
                     println!(
                         "{} {}",
@@ -500,7 +535,7 @@ fn print_plan(planned: &[meduet_engine::plan::PlannedStage], json: bool) {
     println!("{cached} of {} stage(s) cached", planned.len());
 }
 
-fn print_summary(p: &Pipeline, store: &Store, summary: &meduet_engine::RunSummary) {
+pub(crate) fn print_summary(p: &Pipeline, store: &Store, summary: &meduet_engine::RunSummary) {
     let computed = summary.computed().len();
     let cached = summary.cached().len();
     // Time saved: what the cached objects took when they were computed.

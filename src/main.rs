@@ -2,6 +2,7 @@
 
 mod cli;
 mod commands;
+mod slurm_cmds;
 
 use clap::Parser;
 

@@ -524,12 +524,7 @@ fn execute_mapped(
     force: bool,
 ) -> Result<Executed, StageError> {
     let p = c.p;
-    let store = &c.env.store;
-    let items: Vec<Item> = p
-        .inputs
-        .get(map_input)
-        .map(|v| v.iter().flat_map(|a| a.items.iter().cloned()).collect())
-        .unwrap_or_default();
+    let items = mapped_items(p, map_input);
     {
         let mut ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
         ids.sort();
@@ -546,34 +541,11 @@ fn execute_mapped(
         .bar(items.len() as u64, &format!("{} items", p.stage));
     let computed_count = std::sync::atomic::AtomicUsize::new(0);
     let one = |item: &Item| -> Result<(Object, BTreeMap<String, serde_json::Value>), StageError> {
-        c.env
-            .cancel
-            .is_cancelled()
-            .then_some(())
-            .map_or(Ok(()), |_| Err(StageError::Cancelled))?;
-        let ifp = p
-            .fingerprint
-            .for_item(map_input, &item.id, &item.attrs, item.digest);
-        let ikey = ifp.key();
-        if force && store.contains(&ikey) {
-            let q = store.quarantine(&ikey)?;
-            let _ = std::fs::remove_dir_all(q);
+        let (obj, computed) = compute_item(c, map_input, item, force)?;
+        if computed {
+            computed_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let obj = match store.load(&ikey)? {
-            Some(o) => o,
-            None => {
-                let body = |ctx: &mut StageContext| p.kind.run_item(&p.runtime_params, ctx);
-                let finish = |ctx: &mut StageContext, dir: &std::path::Path| {
-                    let meta = serde_json::json!({ "id": item.id, "attrs": ctx.item_attrs });
-                    write_json(&dir.join("item.json"), &meta)
-                };
-                let (o, computed) = compute_object(c, ikey, Some(item.clone()), &body, &finish)?;
-                if computed {
-                    computed_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                o
-            }
-        };
+        let ikey = obj.key();
         bar.inc(1);
         let meta_path = obj.meta_path("item.json");
         let meta: serde_json::Value = std::fs::read(&meta_path)
@@ -661,6 +633,111 @@ fn execute_mapped(
         computed,
         items_total: items.len(),
         items_computed,
+        wall_seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// The items a fan-out stage maps over, in the order of its input collections (the
+/// order cluster job arrays index).
+pub fn mapped_items(p: &Prepared, map_input: &str) -> Vec<Item> {
+    p.inputs
+        .get(map_input)
+        .map(|v| v.iter().flat_map(|a| a.items.iter().cloned()).collect())
+        .unwrap_or_default()
+}
+
+/// The key of item `item` of fan-out stage `p` (mapping over input `map_input`).
+pub fn item_key(p: &Prepared, map_input: &str, item: &Item) -> StageKey {
+    p.fingerprint
+        .for_item(map_input, &item.id, &item.attrs, item.digest)
+        .key()
+}
+
+/// Loads or computes (under its lease) the object of one item. Returns whether this
+/// call computed it.
+fn compute_item(
+    c: &Common,
+    map_input: &str,
+    item: &Item,
+    force: bool,
+) -> Result<(Object, bool), StageError> {
+    if c.env.cancel.is_cancelled() {
+        return Err(StageError::Cancelled);
+    }
+    let store = &c.env.store;
+    let p = c.p;
+    let ikey = item_key(p, map_input, item);
+    if force && store.contains(&ikey) {
+        let q = store.quarantine(&ikey)?;
+        let _ = std::fs::remove_dir_all(q);
+    }
+    if let Some(o) = store.load(&ikey)? {
+        return Ok((o, false));
+    }
+    let body = |ctx: &mut StageContext| p.kind.run_item(&p.runtime_params, ctx);
+    let finish = |ctx: &mut StageContext, dir: &std::path::Path| {
+        let meta = serde_json::json!({ "id": item.id, "attrs": ctx.item_attrs });
+        write_json(&dir.join("item.json"), &meta)
+    };
+    compute_object(c, ikey, Some(item.clone()), &body, &finish)
+}
+
+/// Executes one item of a fan-out stage (what one task of a cluster job array runs):
+/// the item's own object only, never the cohort. Idempotent and leased like
+/// [`execute`].
+pub fn execute_item(
+    env: &ExecEnv,
+    p: &Prepared,
+    item_id: &str,
+    device: Device,
+    threads: usize,
+    force: bool,
+) -> Result<Executed, StageError> {
+    let t0 = Instant::now();
+    let map_input = p.kind.map_over().ok_or_else(|| {
+        StageError::failed(format!(
+            "stage '{}' ({}) is not a fan-out stage: it has no items",
+            p.stage,
+            p.kind.kind()
+        ))
+    })?;
+    let item = mapped_items(p, map_input)
+        .into_iter()
+        .find(|i| i.id == item_id)
+        .ok_or_else(|| {
+            StageError::failed(format!(
+                "stage '{}' has no item '{item_id}' in its input '{map_input}'",
+                p.stage
+            ))
+        })?;
+    let threads = threads.max(1);
+    let stage_sink = LogSink::deferred();
+    let sink = Some(stage_sink.clone());
+    let hook = env.thread_hook.clone();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("meduet-stage-{i}"))
+        .start_handler(move |_| {
+            std::mem::forget(enter_sink(sink.clone()));
+            if let Some(h) = &hook {
+                h(threads);
+            }
+        })
+        .build()
+        .map_err(|e| StageError::failed(format!("cannot build a thread pool of {threads}: {e}")))?;
+    let c = Common {
+        env,
+        p,
+        device,
+        threads,
+        stage_sink,
+    };
+    let (object, computed) = pool.install(|| compute_item(&c, map_input, &item, force))?;
+    Ok(Executed {
+        object,
+        computed,
+        items_total: 1,
+        items_computed: usize::from(computed),
         wall_seconds: t0.elapsed().as_secs_f64(),
     })
 }

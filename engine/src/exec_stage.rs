@@ -1,11 +1,17 @@
 //! `exec-stage`: run one stage from its spec (what cluster jobs and worker processes run).
+//!
+//! With an item index (`--item-index N`, or [`ITEM_INDEX_ENV`] as a Slurm array task
+//! sets it from `SLURM_ARRAY_TASK_ID`), a fan-out stage computes one item object only:
+//! item `spec.items[N]` when the spec lists the array's items, else the `N`-th item of
+//! its input. The cohort object is committed by a later whole-stage `exec-stage` (or by
+//! the driver) once every item exists.
 
 use std::path::{Path, PathBuf};
 
 use meduet_cache::Store;
 
 use crate::error::EngineError;
-use crate::exec::{execute, ExecEnv, Executed};
+use crate::exec::{execute, execute_item, mapped_items, ExecEnv, Executed};
 use crate::registry::Registry;
 use crate::resources::{Device, DeviceRequest};
 use crate::spec::ExecSpec;
@@ -28,10 +34,40 @@ pub enum ExecStage {
     Done(Executed),
 }
 
+/// The environment variable holding the item index of an array task (read by
+/// [`exec_stage`], so worker binaries need no flag of their own).
+pub const ITEM_INDEX_ENV: &str = "MEDUET_ITEM_INDEX";
+
+/// The item index of this process, from [`ITEM_INDEX_ENV`] (unset or empty: none).
+pub fn item_index_from_env() -> Result<Option<usize>, EngineError> {
+    match std::env::var(ITEM_INDEX_ENV) {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse().map(Some).map_err(|_| {
+            EngineError::Other(format!(
+                "{ITEM_INDEX_ENV}='{v}' is not an item index (expected a non-negative integer)"
+            ))
+        }),
+        _ => Ok(None),
+    }
+}
+
 /// Executes the spec at `spec_path` here, or says which worker must. `cuda_devices` is
-/// asked only when the spec's device needs it.
+/// asked only when the spec's device needs it. The item index, if any, comes from
+/// [`ITEM_INDEX_ENV`].
 pub fn exec_stage(
     spec_path: &Path,
+    store: Store,
+    registry: &Registry,
+    env: &ExecEnv,
+    cuda_devices: &dyn Fn() -> Vec<usize>,
+) -> Result<ExecStage, EngineError> {
+    let item = item_index_from_env()?;
+    exec_stage_item(spec_path, item, store, registry, env, cuda_devices)
+}
+
+/// [`exec_stage`] with an explicit item index (`None`: the whole stage).
+pub fn exec_stage_item(
+    spec_path: &Path,
+    item_index: Option<usize>,
     store: Store,
     registry: &Registry,
     env: &ExecEnv,
@@ -69,7 +105,15 @@ pub fn exec_stage(
     } else {
         spec.resources.threads
     };
-    let ex = execute(env, &prepared, device, threads, spec.force).map_err(|e| match e {
+    let result = match item_index {
+        None => execute(env, &prepared, device, threads, spec.force),
+        Some(n) => {
+            let id = item_id_at(&spec, &prepared, n)?;
+            tracing::info!("stage '{}': item {n} of the array is '{id}'", spec.stage);
+            execute_item(env, &prepared, &id, device, threads, spec.force)
+        }
+    };
+    let ex = result.map_err(|e| match e {
         crate::error::StageError::Cancelled => EngineError::Cancelled,
         e => EngineError::StageFailed {
             stage: spec.stage.clone(),
@@ -79,13 +123,52 @@ pub fn exec_stage(
     Ok(ExecStage::Done(ex))
 }
 
+/// The id of item `n` of a spec: `spec.items[n]`, else the `n`-th input item.
+fn item_id_at(
+    spec: &ExecSpec,
+    p: &crate::exec::Prepared,
+    n: usize,
+) -> Result<String, EngineError> {
+    let Some(map_input) = p.kind.map_over() else {
+        return Err(EngineError::Other(format!(
+            "an item index was given but stage '{}' ({}) is not a fan-out stage",
+            spec.stage, spec.kind
+        )));
+    };
+    let ids: Vec<String> = match &spec.items {
+        Some(ids) => ids.clone(),
+        None => mapped_items(p, map_input).into_iter().map(|i| i.id).collect(),
+    };
+    ids.get(n).cloned().ok_or_else(|| {
+        EngineError::Other(format!(
+            "item index {n} is out of range: stage '{}' has {} item(s) to compute",
+            spec.stage,
+            ids.len()
+        ))
+    })
+}
+
 /// Replaces this process with `worker exec-stage --spec ... --cache ...` (never returns
 /// on success).
 pub fn delegate(worker: &str, spec_path: &Path, cache: &Path) -> EngineError {
+    delegate_item(worker, spec_path, cache, None)
+}
+
+/// [`delegate`], passing an item index to the worker through [`ITEM_INDEX_ENV`].
+pub fn delegate_item(
+    worker: &str,
+    spec_path: &Path,
+    cache: &Path,
+    item_index: Option<usize>,
+) -> EngineError {
     use std::os::unix::process::CommandExt;
     match crate::worker::worker_binary(worker) {
         Ok(bin) => {
-            let e = std::process::Command::new(&bin)
+            let mut cmd = std::process::Command::new(&bin);
+            if let Some(n) = item_index {
+                cmd.env(ITEM_INDEX_ENV, n.to_string());
+            }
+            let e = cmd
                 .arg("exec-stage")
                 .arg("--spec")
                 .arg(spec_path)

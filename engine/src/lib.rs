@@ -11,6 +11,7 @@
 //! - [`exec`]: one stage execution (lease, run, atomic commit, run record).
 //! - [`plan`] / [`scheduler`]: `meduet plan` and `meduet run`.
 //! - [`spec`]: self-contained execution specs for `meduet exec-stage`.
+//! - [`executor`]: where stages run: the local scheduler or Slurm jobs.
 //! - [`graph`], [`logging`], [`progress`], [`utility`].
 
 pub mod cli_logging;
@@ -18,6 +19,7 @@ pub mod collection;
 pub mod error;
 pub mod exec;
 pub mod exec_stage;
+pub mod executor;
 pub mod fingerprint;
 pub mod graph;
 pub mod logging;

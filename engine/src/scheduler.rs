@@ -496,7 +496,7 @@ pub fn locator_roots(
 }
 
 /// Records the fingerprints and keys of this run (for `plan`'s explanations and as gc roots).
-fn record_history(
+pub(crate) fn record_history(
     pipeline: &Pipeline,
     store: &Store,
     prepared: &HashMap<usize, Prepared>,

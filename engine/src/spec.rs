@@ -51,6 +51,11 @@ pub struct ExecSpec {
     pub locator_sources: Vec<PathBuf>,
     #[serde(default)]
     pub locator_objects: Vec<StageKey>,
+    /// For a fan-out stage run as a cluster job array: the ids of the items the array
+    /// computes, task `i` computing `items[i]` (`exec-stage --item-index i`). Absent
+    /// from every other spec, so their bytes (and paths) do not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<String>>,
 }
 
 impl ExecSpec {
@@ -92,6 +97,7 @@ impl ExecSpec {
             force,
             locator_sources,
             locator_objects,
+            items: None,
         }
     }
 

@@ -11,6 +11,7 @@
 //! | `join_lines`  | joins a collection back into one text                         |
 //! | `list_files`  | emits one item per file of a source folder (hashed by content) |
 //! | `fail`        | fails with a message (for testing failure handling)           |
+//! | `wait`        | waits in steps, checkpointed in scratch: resumes after a kill |
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -349,6 +350,63 @@ impl Stage for Fail {
     }
 }
 
+/// `wait`: the smallest resumable stage. It waits `steps` steps of `step_ms` and
+/// records the steps done in its scratch folder after each one (written atomically), so
+/// a run killed or timed out midway resumes where it stopped; its output does not depend
+/// on how often it was interrupted.
+pub struct Wait;
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WaitParams {
+    pub steps: u64,
+    pub step_ms: u64,
+}
+impl Default for WaitParams {
+    fn default() -> Self {
+        Self {
+            steps: 10,
+            step_ms: 1000,
+        }
+    }
+}
+const WAIT_STATE: &str = "wait.step";
+impl Stage for Wait {
+    type Params = WaitParams;
+    const KIND: &'static str = "wait";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str = "waits in checkpointed steps (resumes after a kill)";
+    fn inputs(&self) -> Vec<InputSpec> {
+        vec![InputSpec {
+            name: "after",
+            ty: TEXT,
+            arity: Arity::Any,
+            doc: "texts to wait for",
+        }]
+    }
+    fn outputs(&self) -> Vec<OutputSpec> {
+        text_out()
+    }
+    fn run(&self, p: &WaitParams, ctx: &mut StageContext) -> Result<(), StageError> {
+        let state = ctx.scratch_dir()?.join(WAIT_STATE);
+        let done: u64 = fs::read_to_string(&state)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+            .min(p.steps);
+        if done > 0 {
+            tracing::info!("resuming at step {done} of {}", p.steps);
+        }
+        ctx.set_metric("resumed_at", done);
+        for step in done..p.steps {
+            sleep_cancellable(ctx, p.step_ms)?;
+            let tmp = state.with_extension("tmp");
+            fs::write(&tmp, (step + 1).to_string()).map_err(|e| StageError::io(&tmp, e))?;
+            fs::rename(&tmp, &state).map_err(|e| StageError::io(&state, e))?;
+        }
+        write_text(ctx, &format!("counted {} steps of {} ms\n", p.steps, p.step_ms))
+    }
+}
+
 /// Registers the utility kinds.
 pub fn register(r: &mut Registry) {
     r.register(Text)
@@ -358,5 +416,6 @@ pub fn register(r: &mut Registry) {
         .register(MapLines)
         .register(JoinLines)
         .register(ListFiles)
-        .register(Fail);
+        .register(Fail)
+        .register(Wait);
 }

@@ -60,8 +60,8 @@ pub struct StageDef {
     pub inputs: BTreeMap<String, Vec<OutputRef>>,
     pub resources: Resources,
     pub description: Option<String>,
-    /// Per-stage executor overrides (the `executor` table of the stage), raw.
-    pub executor: toml::Table,
+    /// Where the stage runs and its per-stage Slurm settings (the stage's `executor`).
+    pub executor: crate::executor::config::StageExecutor,
 }
 
 impl std::fmt::Debug for StageDef {
@@ -88,6 +88,8 @@ pub struct Pipeline {
     pub graph: DiGraph<usize, ()>,
     pub executor: toml::Table,
     pub executor_at: Option<Location>,
+    /// The `[executor]` table, validated.
+    pub executor_config: crate::executor::config::ExecutorConfig,
 }
 
 impl Pipeline {
@@ -297,9 +299,14 @@ impl Pipeline {
                 .entries
                 .get("description")
                 .and_then(|d| d.value.as_str().map(str::to_string));
-            let executor = match st.entries.get("executor").map(|e| &e.value) {
-                Some(toml::Value::Table(t)) => t.clone(),
-                _ => toml::Table::new(),
+            let executor = match st.entries.get("executor") {
+                Some(e) => crate::executor::config::StageExecutor::from_value(
+                    name,
+                    &e.value,
+                    &raw.executor_spans,
+                    e.at.clone(),
+                )?,
+                None => Default::default(),
             };
             defs.push((
                 st,
@@ -497,7 +504,18 @@ impl Pipeline {
             .cache
             .clone()
             .unwrap_or_else(|| raw.file.parent().unwrap_or(Path::new(".")).join(".meduet"));
+        let executor_config = crate::executor::config::ExecutorConfig::from_table(
+            &raw.executor,
+            &raw.executor_spans,
+            raw.executor_at.clone().unwrap_or_else(|| Location {
+                file: raw.file.clone(),
+                line: 1,
+                column: 1,
+            }),
+            registry,
+        )?;
         Ok(Pipeline {
+            executor_config,
             name: raw.name,
             file: raw.file,
             cache_dir,

@@ -59,6 +59,10 @@ pub struct RawPipeline {
     /// The `[executor]` table, if any (merged from includes).
     pub executor: toml::Table,
     pub executor_at: Option<Location>,
+    /// Where each key under `executor` and under `stages.<name>.executor` was written,
+    /// by dotted path (`executor.slurm.time`, `stages.train.executor.slurm.time`), so
+    /// executor settings are reported with their own line.
+    pub executor_spans: BTreeMap<String, Location>,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +137,7 @@ fn load_rec(file: &Path, chain: &mut Vec<PathBuf>) -> Result<RawPipeline, Pipeli
         stages: BTreeMap::new(),
         executor: toml::Table::new(),
         executor_at: None,
+        executor_spans: BTreeMap::new(),
     };
     for inc in &repr.include {
         let inc_path = absolute(&base.join(inc.get_ref()));
@@ -151,6 +156,7 @@ fn load_rec(file: &Path, chain: &mut Vec<PathBuf>) -> Result<RawPipeline, Pipeli
             merge_stage(&mut merged.stages, name, st);
         }
         merge_table(&mut merged.executor, sub.executor);
+        merged.executor_spans.extend(sub.executor_spans);
         merged.executor_at = merged.executor_at.or(sub.executor_at);
         merged.cache = merged.cache.or(sub.cache);
     }
@@ -178,6 +184,7 @@ fn load_rec(file: &Path, chain: &mut Vec<PathBuf>) -> Result<RawPipeline, Pipeli
             RawStage { name, at, entries },
         );
     }
+    record_executor_spans(file, &text, &mut merged.executor_spans);
     if let Some(exec) = repr.executor {
         merged.executor_at = Some(loc(file, &text, exec.span().start));
         merge_table(&mut merged.executor, exec.into_inner());
@@ -192,6 +199,54 @@ fn load_rec(file: &Path, chain: &mut Vec<PathBuf>) -> Result<RawPipeline, Pipeli
     });
     resolve_extends(&mut merged)?;
     Ok(merged)
+}
+
+/// Records the location of every key under `executor` and `stages.*.executor`.
+fn record_executor_spans(file: &Path, text: &str, out: &mut BTreeMap<String, Location>) {
+    fn walk(
+        file: &Path,
+        text: &str,
+        prefix: &str,
+        v: &toml::de::DeValue<'_>,
+        out: &mut BTreeMap<String, Location>,
+    ) {
+        if let toml::de::DeValue::Table(t) = v {
+            for (k, v) in t.iter() {
+                let path = format!("{prefix}.{}", k.get_ref());
+                out.insert(path.clone(), loc(file, text, k.span().start));
+                walk(file, text, &path, v.get_ref(), out);
+            }
+        }
+    }
+    let Ok(doc) = toml::de::DeTable::parse(text) else {
+        return;
+    };
+    for (k, v) in doc.get_ref().iter() {
+        match k.get_ref().as_ref() {
+            "executor" => {
+                out.insert("executor".into(), loc(file, text, k.span().start));
+                walk(file, text, "executor", v.get_ref(), out);
+            }
+            "stages" => {
+                let toml::de::DeValue::Table(stages) = v.get_ref() else {
+                    continue;
+                };
+                for (name, st) in stages.iter() {
+                    let toml::de::DeValue::Table(st) = st.get_ref() else {
+                        continue;
+                    };
+                    for (k, v) in st.iter() {
+                        if k.get_ref().as_ref() == "executor" {
+                            let path = format!("stages.{}.executor", name.get_ref());
+                            out.insert(path.clone(), loc(file, text, k.span().start));
+                            walk(file, text, &path, v.get_ref(), out);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Tables merged entry by entry (for `inputs`, `resources` and `[executor]`).
