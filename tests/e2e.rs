@@ -316,3 +316,63 @@ fn killed_pretraining_resumes_with_identical_losses() {
         "the resumed run's losses equal the uninterrupted run's"
     );
 }
+
+/// A small VAE trained on a few hundred crops of phantoms learns: the L1 loss of the last
+/// 20 steps is under half that of the first 20, and the held-out reconstruction (posterior
+/// mean, whole volumes) beats the constant image at each volume's mean by more than 3 dB
+/// (about 11.7 dB -> 15 dB here; the quickstart's longer run reaches about 20.7 dB).
+const VAE_FIT: &str = r#"
+name = "vae_fit"
+[stages.phantom]
+kind = "phantom"
+domains = 2
+subjects_per_domain = 4
+shape = [48, 48, 40]
+spacing = [3.0, 3.0, 3.0]
+seed = 2
+[stages.ingest]
+kind = "ingest"
+inputs = { datasets = "phantom.datasets" }
+[stages.resample]
+kind = "resample"
+inputs = { subjects = "ingest.subjects" }
+spacing = [3.0, 3.0, 3.0]
+min_size = [32, 32, 32]
+[stages.vae]
+kind = "vae_train"
+inputs = { volumes = "resample.volumes" }
+steps = 200
+batch_size = 2
+crop = [32, 32, 32]
+lr = 5e-4
+warmup_steps = 10
+"#;
+
+#[test]
+fn vae_training_reduces_loss_and_reconstructs_heldout_volumes() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("vae_fit.toml"), VAE_FIT).unwrap();
+    let p = d.path().join("vae_fit.toml").to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    run_ok(&["run", &p]);
+    println!("vae fit: {:.1}s", t0.elapsed().as_secs_f64());
+    let vae = object_of(d.path(), "vae_fit.toml", "vae").join("out/vae");
+    let l1: Vec<f64> = std::fs::read_to_string(vae.join("losses.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["l1"].as_f64().unwrap())
+        .collect();
+    assert_eq!(l1.len(), 200);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (first, last) = (mean(&l1[..20]), mean(&l1[l1.len() - 20..]));
+    assert!(last < 0.5 * first, "L1 {first:.4} -> {last:.4}");
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(vae.join("eval.json")).unwrap()).unwrap();
+    let psnr = eval["psnr"].as_f64().unwrap();
+    let floor = eval["psnr_constant"].as_f64().unwrap();
+    println!("vae fit: L1 {first:.4} -> {last:.4}, held-out PSNR {psnr:.2} dB (constant {floor:.2} dB)");
+    assert_eq!(eval["heldout"].as_array().unwrap().len(), 2);
+    assert!(floor > 5.0 && floor < 20.0, "constant-image PSNR {floor:.2} dB");
+    assert!(psnr > floor + 3.0, "held-out PSNR {psnr:.2} dB, constant image {floor:.2} dB");
+    assert!(vae.join("losses.png").is_file() && vae.join("recon.png").is_file());
+}

@@ -248,7 +248,7 @@ pub fn train(_: &VaeTrain, p: &VaeTrainParams, ctx: &mut StageContext) -> Result
     bar.finish_and_clear();
     // Held-out evaluation on whole volumes.
     let _ng = tch::no_grad_guard();
-    let (mut ps, mut ss) = (Vec::new(), Vec::new());
+    let (mut ps, mut ss, mut pcs) = (Vec::new(), Vec::new(), Vec::new());
     let mut rows = Vec::new();
     let mut per_subject = Vec::new();
     for it in &heldout {
@@ -287,9 +287,15 @@ pub fn train(_: &VaeTrain, p: &VaeTrainParams, ctx: &mut StageContext) -> Result
             .narrow(3, 0, ny)
             .narrow(4, 0, nz);
         let (pv, sv) = (psnr(&rc, &xc, 1.0), ssim_3d(&rc, &xc, 1.0, 7, 1.5));
+        // What a reconstruction that knows nothing but the volume's mean scores: the
+        // floor that puts the PSNR in context.
+        let pc = psnr(&xc.mean(Kind::Float).expand_as(&xc), &xc, 1.0);
         ps.push(pv);
         ss.push(sv);
-        per_subject.push(serde_json::json!({ "subject": it.id, "psnr": pv, "ssim": sv }));
+        pcs.push(pc);
+        per_subject.push(
+            serde_json::json!({ "subject": it.id, "psnr": pv, "ssim": sv, "psnr_constant": pc }),
+        );
         if rows.len() < 4 {
             rows.push(
                 slices(&xc, &it.id)
@@ -314,7 +320,7 @@ pub fn train(_: &VaeTrain, p: &VaeTrainParams, ctx: &mut StageContext) -> Result
     .map_err(fail)?;
     write_json(
         &out.join("eval.json"),
-        &serde_json::json!({ "heldout": per_subject, "psnr": mean(&ps), "ssim": mean(&ss), "data_range": 1.0, "ssim_kernel": 7 }),
+        &serde_json::json!({ "heldout": per_subject, "psnr": mean(&ps), "ssim": mean(&ss), "psnr_constant": mean(&pcs), "data_range": 1.0, "ssim_kernel": 7 }),
     )?;
     if !rows.is_empty() {
         montage(
@@ -327,6 +333,7 @@ pub fn train(_: &VaeTrain, p: &VaeTrainParams, ctx: &mut StageContext) -> Result
     }
     ctx.set_metric("heldout_psnr", mean(&ps));
     ctx.set_metric("heldout_ssim", mean(&ss));
+    ctx.set_metric("heldout_psnr_constant", mean(&pcs));
     ctx.set_metric("parameters", n_params);
     let l1 = crate::train::log::read_column(&out.join("losses.jsonl"), "l1");
     if let (Some(a), Some(b)) = (l1.first(), l1.last()) {
