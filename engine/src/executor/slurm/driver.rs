@@ -253,7 +253,10 @@ impl<'a> Driver<'a> {
             }
             self.promote()?;
             self.collect_local();
-            self.check_manifests()?;
+            if self.check_manifests()? {
+                // Dependents may be ready now: submit them without sleeping.
+                continue;
+            }
             self.check_adopted();
             let due = self
                 .last_poll
@@ -688,7 +691,8 @@ impl<'a> Driver<'a> {
     }
 
     /// Marks tasks whose manifest exists; finishes tracks whose tasks are all done.
-    fn check_manifests(&mut self) -> Result<(), EngineError> {
+    /// Returns whether a stage finished.
+    fn check_manifests(&mut self) -> Result<bool, EngineError> {
         let mut finished = Vec::new();
         for (n, tr) in self.tracks.iter_mut().enumerate() {
             for t in tr.tasks.iter_mut().filter(|t| !t.done) {
@@ -700,6 +704,7 @@ impl<'a> Driver<'a> {
                 finished.push(n);
             }
         }
+        let any = !finished.is_empty();
         for n in finished.into_iter().rev() {
             let tr = self.tracks.remove(n);
             let i = tr.stage;
@@ -739,7 +744,7 @@ impl<'a> Driver<'a> {
                 self.ledger.release_claim(&tr.key, Some(&self.run.run_id));
             }
         }
-        Ok(())
+        Ok(any)
     }
 
     /// Commits the cohort object of fan-out stage `i` from its (existing) item objects.
