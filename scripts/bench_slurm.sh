@@ -18,7 +18,8 @@ WIDE="${WIDE:-100}"
 rm -rf "$WORK" && mkdir -p "$WORK"
 
 was_running=0
-scripts/slurm-local status | grep -q '^slurmctld running' && was_running=1
+status="$(scripts/slurm-local status 2>/dev/null || true)"
+grep -q '^slurmctld running' <<<"$status" && was_running=1
 scripts/slurm-local stop >/dev/null 2>&1 || true
 SLURM_LOCAL_CPUS=128 scripts/slurm-local start
 restore() {
