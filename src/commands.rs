@@ -340,7 +340,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             let store = existing_store(&pipeline, &cache, &registry)?;
             let r = store.gc(dry_run)?;
             let verb = if dry_run { "would remove" } else { "removed" };
-            println!("{} rooted objects kept; {verb} {} object(s), {} scratch and {} temporary folder(s): {}", r.kept_objects, r.removed_objects.len(), r.removed_scratch.len(), r.removed_tmp.len(), human_bytes(r.bytes));
+            println!("{} rooted objects kept; {verb} {} object(s), {} scratch, {} temporary and {} job log folder(s): {}", r.kept_objects, r.removed_objects.len(), r.removed_scratch.len(), r.removed_tmp.len(), r.removed_logs.len(), human_bytes(r.bytes));
             for (stage, (n, bytes)) in &r.removed_by_stage {
                 println!("  {stage:<24} {n:>6} object(s) {:>12}", human_bytes(*bytes));
             }

@@ -37,6 +37,9 @@ pub struct GcReport {
     pub removed_objects: Vec<StageKey>,
     pub removed_scratch: Vec<PathBuf>,
     pub removed_tmp: Vec<PathBuf>,
+    /// Job logs of cluster executors (`logs/<key>/`) whose object is gone and which
+    /// nothing is computing.
+    pub removed_logs: Vec<PathBuf>,
     pub bytes: u64,
 }
 
@@ -163,6 +166,36 @@ impl Store {
                 } else {
                     report.removed_tmp.push(p.clone());
                 }
+                if !dry_run {
+                    fs::remove_dir_all(&p).at(&p)?;
+                }
+            }
+        }
+        // Job logs (`logs/<key>/`, written by cluster executors) go with their object;
+        // logs of a key someone is computing or submitting (a lease or a Slurm claim)
+        // stay, and so do logs of stages whose key was not known at submission
+        // (`logs/pending/`).
+        let logs = self.root().join("logs");
+        if let Ok(rd) = fs::read_dir(&logs) {
+            for e in rd {
+                let p = e.at(&logs)?.path();
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                let Ok(key) = StageKey::parse_hex(&name) else {
+                    continue;
+                };
+                let claimed = self
+                    .root()
+                    .join("slurm/claims")
+                    .join(format!("{name}.json"))
+                    .exists();
+                let exists = self.contains(&key) || report.removed_objects.contains(&key);
+                let object_stays = exists && !report.removed_objects.contains(&key);
+                // A claim matters only while the object is still to be computed.
+                if object_stays || (claimed && !exists) || self.lease_info(&key).is_some() {
+                    continue;
+                }
+                report.bytes += dir_bytes(&p);
+                report.removed_logs.push(p.clone());
                 if !dry_run {
                     fs::remove_dir_all(&p).at(&p)?;
                 }
@@ -299,6 +332,40 @@ mod tests {
             store.contains(&key(4)),
             "objects referenced by a root are kept"
         );
+    }
+
+    #[test]
+    fn gc_removes_job_logs_with_their_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        commit(&store, key(1), "kept", b"1");
+        commit(&store, key(2), "dropped", b"2");
+        store.write_roots("p", &[key(1)]).unwrap();
+        let log = |k: StageKey| {
+            let d = store.root().join("logs").join(k.to_hex());
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("slurm-7.out"), b"log").unwrap();
+            d
+        };
+        let (kept, dropped, running, orphan) = (log(key(1)), log(key(2)), log(key(5)), log(key(6)));
+        // key 5 has no object yet but is claimed by a Slurm driver: its job is running.
+        fs::create_dir_all(store.root().join("slurm/claims")).unwrap();
+        fs::write(
+            store
+                .root()
+                .join(format!("slurm/claims/{}.json", key(5).to_hex())),
+            b"{}",
+        )
+        .unwrap();
+        let pending = store.root().join("logs/pending/p/stage");
+        fs::create_dir_all(&pending).unwrap();
+        let r = store.gc(false).unwrap();
+        assert_eq!(r.removed_objects, vec![key(2)]);
+        let mut removed = r.removed_logs.clone();
+        removed.sort();
+        assert_eq!(removed, vec![dropped.clone(), orphan.clone()]);
+        assert!(kept.exists() && running.exists() && pending.exists());
+        assert!(!dropped.exists() && !orphan.exists());
     }
 
     #[test]
