@@ -62,10 +62,7 @@ executor = { slurm = { time = "10", gpus = 2, extra_args = ["--exclusive"] } }
         (c.slurm.max_jobs, c.slurm.array_parallelism, c.slurm.retries),
         (7, 3, 1)
     );
-    assert_eq!(
-        c.slurm.time_per_kind["wait"],
-        TimeLimit("1-00:00".into())
-    );
+    assert_eq!(c.slurm.time_per_kind["wait"], TimeLimit("1-00:00".into()));
     assert_eq!(
         pl.stage("a").unwrap().executor.run_on,
         Some(ExecutorKind::Local)
@@ -138,4 +135,58 @@ fn the_executor_never_enters_a_key() {
         }
     };
     assert_eq!(key(&plain), key(&slurm));
+}
+
+/// What one task of a job array runs: `exec-stage` with an item index computes that
+/// item's object only, and a bad index is a clear error.
+#[test]
+fn exec_stage_with_an_item_index_computes_one_item() {
+    use meduet_engine::exec_stage::{exec_stage_item, ExecStage};
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        &d,
+        "p.toml",
+        "[stages.a]\nkind = \"text\"\ntext = \"x\\ny\\nz\"\n[stages.split]\nkind = \"split_lines\"\ninputs = { text = \"a.text\" }\n[stages.up]\nkind = \"map_lines\"\ninputs = { lines = \"split.lines\" }\nop = \"upper\"\n",
+    );
+    let reg = registry();
+    let pl = Pipeline::load(&p, &reg).unwrap();
+    let store = meduet_cache::Store::open(d.path().join("cache")).unwrap();
+    let env = meduet_engine::ExecEnv::new(store.clone());
+    let opts = meduet_engine::RunOptions {
+        only: vec!["split".into()],
+        ..Default::default()
+    };
+    meduet_engine::run(&pl, &env, &opts).unwrap();
+    let specs = meduet_engine::plan::write_ready_specs(&pl, &store, &[], &[]).unwrap();
+    let (_, spec) = specs.iter().find(|(s, _)| s == "up").unwrap();
+    let before = store.object_keys().unwrap().len();
+    let ex = match exec_stage_item(spec, Some(1), store.clone(), &reg, &env, &Vec::new).unwrap() {
+        ExecStage::Done(ex) => ex,
+        ExecStage::Delegate(w) => panic!("delegated to {w}"),
+    };
+    assert!(ex.computed);
+    assert_eq!(
+        std::fs::read_to_string(ex.object.output_dir("lines").join("text.txt")).unwrap(),
+        "Y",
+        "item 1 is the second line"
+    );
+    assert_eq!(
+        store.object_keys().unwrap().len(),
+        before + 1,
+        "one item object, no cohort"
+    );
+    let again = match exec_stage_item(spec, Some(1), store.clone(), &reg, &env, &Vec::new).unwrap()
+    {
+        ExecStage::Done(ex) => ex,
+        ExecStage::Delegate(_) => unreachable!(),
+    };
+    assert!(!again.computed, "idempotent");
+    let e = match exec_stage_item(spec, Some(3), store.clone(), &reg, &env, &Vec::new) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("index 3 of 3 items must fail"),
+    };
+    assert!(
+        e.contains("item index 3 is out of range: stage 'up' has 3 item(s) to compute"),
+        "{e}"
+    );
 }
