@@ -7,6 +7,7 @@
 //! and schedules, and starts this worker only for stages that need it.
 
 pub mod device;
+pub mod inference;
 pub mod diffusion;
 pub mod models;
 pub mod quality;

@@ -18,6 +18,11 @@
 //! | `pretrain`        | MeDUET pretraining                                              |
 //! | `extract_factors` | per-subject content and style vectors                           |
 //! | `probe`           | factor identifiability: linear probes, silhouettes, t-SNE       |
+//! | `segment_train`   | UNETR (latents, scratch / MeDUET init) or nnU-Net-style U-Net   |
+//! | `segment_eval`    | sliding-window Dice / HD95, in-domain and unseen domains        |
+//! | `classify_train`  | UNETR + pooled linear head on a volume-level label              |
+//! | `classify_eval`   | accuracy and macro AUC, in-domain and unseen domains            |
+//! | `segment_table`   | Table 2: Dice by model and label fraction (MD, CSV, bar plot)   |
 //! | `diffusion_train` | DiT / SiT on latents, conditioned on MeDUET factors             |
 //! | `sample`          | dual-CFG sampling, VAE decoding, NIfTI + montage                |
 //! | `synthesis_metrics` | FID, MMD (3-D feature network), MS-SSIM diversity             |
@@ -29,6 +34,7 @@ pub mod preset;
 pub mod pretrain;
 pub mod probe;
 pub mod resample;
+pub mod segment;
 pub mod subject;
 pub mod vae;
 
@@ -46,5 +52,10 @@ pub fn register(r: &mut meduet_engine::Registry) {
         .register(probe::Probe)
         .register(diffusion::DiffusionTrain)
         .register(diffusion::Sample)
-        .register(diffusion::SynthesisMetrics);
+        .register(diffusion::SynthesisMetrics)
+        .register(segment::SegmentTrain)
+        .register(segment::SegmentEval)
+        .register(segment::ClassifyTrain)
+        .register(segment::ClassifyEval)
+        .register(segment::SegmentTable);
 }

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod conv;
 pub mod discriminator;
 pub mod dit;
 pub mod init;
@@ -11,4 +12,6 @@ pub mod mlp;
 pub mod patch_embed;
 pub mod pos_embed;
 pub mod resnet3d;
+pub mod unet;
+pub mod unetr;
 pub mod vae;

@@ -5,14 +5,18 @@
 //! | `pretrain`        | [`pretrain`]      |
 //! | `extract_factors` | [`factors`]       |
 //! | `vae_train`, `vae_import`, `vae_encode`, `vae_decode` | [`vae`] |
+//! | `segment_train`, `segment_eval` | [`segment`] |
+//! | `classify_train`, `classify_eval` | [`classify`] |
 //! | `diffusion_train`, `sample` | [`diffusion`] |
 //! | `synthesis_metrics` | [`synthesis`] |
 
+pub mod classify;
 pub mod common;
 pub mod diffusion;
 pub mod factors;
 pub mod pretrain;
 pub mod synthesis;
+pub mod segment;
 pub mod vae;
 
 use meduet_engine::{Implementation, Registry};
@@ -41,4 +45,8 @@ pub fn implement(r: &mut Registry) {
         kinds::diffusion::SynthesisMetrics,
         Implementation::run(synthesis::run),
     );
+    r.implement(kinds::segment::SegmentTrain, Implementation::run(segment::train));
+    r.implement(kinds::segment::SegmentEval, Implementation::run(segment::eval));
+    r.implement(kinds::segment::ClassifyTrain, Implementation::run(classify::train));
+    r.implement(kinds::segment::ClassifyEval, Implementation::run(classify::eval));
 }

@@ -7,3 +7,5 @@ pub mod checkpoint;
 pub mod ema;
 pub mod log;
 pub mod optim;
+pub mod seg_loss;
+pub mod sgd;

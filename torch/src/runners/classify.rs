@@ -1,0 +1,457 @@
+//! `classify_train` and `classify_eval`: the paper's CC-CCII task (method.md 5) on a
+//! volume-level label of the latents (phantoms: lesion present or absent).
+//!
+//! UNETR's trunk (scratch or MeDUET-initialised encoder) with its decoder features
+//! mean-pooled into a linear layer ([`UnetrHead::Classification`]). Training draws random
+//! latent crops (seeded by step; flips and rotations), cross-entropy, AdamW with warmup +
+//! cosine; checkpoints resume exactly. Evaluation averages the class probabilities of
+//! the sliding windows covering each volume and reports accuracy and macro one-vs-rest AUC
+//! for the in-domain test subjects and for the unseen domains.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use meduet_engine::{Item, StageContext, StageError};
+use meduet_stages::analysis::metrics::{accuracy, macro_auc};
+use meduet_stages::data::array_store::read_array_f32;
+use meduet_stages::kinds::segment::*;
+use meduet_stages::kinds::vae::{Amp, LATENT_ZARR};
+use meduet_stages::sampling::{CropSampler, CropSource, Sampling};
+use meduet_stages::schedule::CosineLrScheduler;
+use meduet_stages::segmentation::sliding::{pad_to_window, window_starts};
+use meduet_stages::segmentation::splits::{make_splits, SplitConfig, Splits};
+use serde::{Deserialize, Serialize};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Reduction, Tensor};
+
+use super::common::{device, fail, read_json, step_seed, write_json};
+use super::segment::{by_id, domain_of, meduet_model_config, unetr_config, WEIGHTS};
+use crate::models::unetr::{PosEmbedInit, Unetr, UnetrConfig, UnetrHead};
+use crate::train::amp::GradScaler;
+use crate::train::checkpoint::Checkpoints;
+use crate::train::log::{plot_jsonl, JsonlLog};
+use crate::train::optim::{AdamW, AdamWConfig};
+
+/// `config.json` of a classifier.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClassifierConfig {
+    pub unetr: UnetrConfig,
+    /// Class names (`"false"`/`"true"` for a boolean attribute, else the integer values).
+    pub classes: Vec<String>,
+    pub label_attr: String,
+    pub training: ClassifyTrainParams,
+    pub trainable_parameters: i64,
+}
+
+/// A subject's latent and class.
+struct Sample {
+    id: String,
+    domain: String,
+    source: CropSource,
+    class: usize,
+}
+
+/// The class value of a latent's attribute: bools as 0/1, non-negative integers as is.
+fn class_value(
+    id: &str,
+    attrs: &serde_json::Map<String, serde_json::Value>,
+    attr: &str,
+) -> Result<i64, StageError> {
+    match attrs.get(attr) {
+        Some(serde_json::Value::Bool(b)) => Ok(*b as i64),
+        Some(v) if v.as_i64().is_some_and(|x| x >= 0) => Ok(v.as_i64().expect("checked")),
+        Some(v) => Err(StageError::input(format!("latent of '{id}': attribute '{attr}' is {v}, expected a bool or a non-negative integer"))),
+        None => Err(StageError::input(format!(
+            "latent of '{id}' has no attribute '{attr}' (phantoms carry 'has_lesion'; set label_attr)"
+        ))),
+    }
+}
+
+fn read_samples(
+    items: &[Item],
+    ids: &[String],
+    attr: &str,
+    values: &[i64],
+) -> Result<Vec<Sample>, StageError> {
+    let m = by_id(items);
+    ids.iter()
+        .map(|id| {
+            let it = &m[id];
+            let (d, s, attrs) =
+                read_array_f32(&it.dir.join(LATENT_ZARR)).map_err(StageError::input)?;
+            if s.len() != 4 {
+                return Err(StageError::input(format!(
+                    "latent of '{id}' has shape {s:?}, expected [C, X, Y, Z]"
+                )));
+            }
+            let v = class_value(id, &attrs, attr)?;
+            let class = values.iter().position(|&x| x == v).ok_or_else(|| {
+                StageError::input(format!(
+                    "'{id}': class value {v} was not seen among the training subjects ({values:?})"
+                ))
+            })?;
+            Ok(Sample {
+                id: id.clone(),
+                domain: domain_of(it),
+                source: CropSource {
+                    id: id.clone(),
+                    domain_id: 0,
+                    shape: [s[0], s[1], s[2], s[3]],
+                    data: Arc::new(d),
+                },
+                class,
+            })
+        })
+        .collect()
+}
+
+pub fn train(
+    _: &ClassifyTrain,
+    p: &ClassifyTrainParams,
+    ctx: &mut StageContext,
+) -> Result<(), StageError> {
+    let dev = device(ctx);
+    let items = ctx.input("latents")?.items.clone();
+    let meduet_dir = ctx.inputs("meduet").first().map(|m| m.dir.clone());
+    if p.unetr.init == Init::Meduet && meduet_dir.is_none() {
+        return Err(StageError::input(
+            "unetr.init = \"meduet\" needs a 'meduet' input",
+        ));
+    }
+    let subjects: Vec<(String, String)> =
+        items.iter().map(|i| (i.id.clone(), domain_of(i))).collect();
+    let splits = make_splits(
+        &subjects,
+        &SplitConfig {
+            train_domains: p.split.train_domains.clone(),
+            test_fraction: p.split.test_fraction,
+            val_fraction: p.split.val_fraction,
+            split_seed: p.split.split_seed,
+            label_fraction: p.split.label_fraction.clone(),
+            seed: p.seed,
+        },
+    )
+    .map_err(StageError::input)?;
+    // Class values: every value among all subjects (so evaluation knows them all), sorted.
+    let mut values: Vec<i64> = Vec::new();
+    let mut is_bool = true;
+    for it in &items {
+        let (_, _, attrs) = read_array_f32(&it.dir.join(LATENT_ZARR)).map_err(StageError::input)?;
+        is_bool &= matches!(attrs.get(&p.label_attr), Some(serde_json::Value::Bool(_)));
+        let v = class_value(&it.id, &attrs, &p.label_attr)?;
+        if !values.contains(&v) {
+            values.push(v);
+        }
+    }
+    values.sort_unstable();
+    if is_bool {
+        values = vec![0, 1];
+    }
+    if values.len() < 2 {
+        return Err(StageError::input(format!(
+            "attribute '{}' takes a single value ({values:?}): nothing to classify",
+            p.label_attr
+        )));
+    }
+    let classes: Vec<String> = values
+        .iter()
+        .map(|&v| {
+            if is_bool {
+                (v == 1).to_string()
+            } else {
+                v.to_string()
+            }
+        })
+        .collect();
+    let train = read_samples(&items, &splits.train, &p.label_attr, &values)?;
+    let in_ch = train[0].source.shape[0] as i64;
+    let mcfg = match &meduet_dir {
+        Some(d) if p.unetr.init == Init::Meduet => Some(meduet_model_config(d)?),
+        _ => None,
+    };
+    let ucfg = unetr_config(
+        &p.unetr,
+        in_ch,
+        values.len() as i64,
+        UnetrHead::Classification,
+        mcfg.as_ref(),
+    )
+    .map_err(StageError::input)?;
+    tch::manual_seed(p.seed as i64);
+    let mut vs = VarStore::new(dev);
+    let net = Unetr::new(&vs.root(), &ucfg).map_err(StageError::input)?;
+    if let (Some(d), Some(m)) = (&meduet_dir, &mcfg) {
+        let pos = match p.unetr.pos_embed {
+            PosEmbed::Skip => PosEmbedInit::Skip,
+            PosEmbed::Interpolate => PosEmbedInit::Interpolate,
+        };
+        let t = net
+            .load_meduet(&mut vs, &d.join("student.safetensors"), pos, m.grid())
+            .map_err(StageError::input)?;
+        tracing::info!(
+            "classifier initialised from MeDUET: {} tensors",
+            t.copied.len()
+        );
+    }
+    let labels: BTreeMap<String, usize> = train.iter().map(|s| (s.id.clone(), s.class)).collect();
+    let crop = p.unetr.crop;
+    let sampler = CropSampler::new(
+        train.iter().map(|s| s.source.clone()).collect(),
+        [crop; 3],
+        meduet_stages::sampling::Augment {
+            flip_p: p.augment.flip_p,
+            rot90_p: p.augment.rot90_p,
+        },
+        Sampling::Shuffled,
+        p.seed,
+    )
+    .map_err(StageError::input)?;
+    let mut opt = AdamW::new(
+        &vs,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: p.weight_decay,
+        },
+    );
+    let sched = CosineLrScheduler {
+        base_lr: p.lr,
+        warmup_t: p.warmup_steps,
+        warmup_lr_init: 1e-6f64.min(p.lr),
+        t_initial: p.steps,
+        lr_min: p.min_lr,
+        warmup_prefix: false,
+    };
+    let n_params: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
+    tracing::info!(
+        "classifier on '{}' ({classes:?}): {} training subjects, {:.2} M parameters, {} steps of batch {}",
+        p.label_attr,
+        train.len(),
+        n_params as f64 / 1e6,
+        p.steps,
+        p.batch_size
+    );
+    let scratch = ctx.scratch_dir()?;
+    let cps = Checkpoints::new(&scratch);
+    let mut scaler = GradScaler::new(dev.is_cuda() && p.amp == Amp::Fp16);
+    let mut start = 0;
+    if let Some((step, dir)) = cps.latest() {
+        Checkpoints::load_into(&dir, WEIGHTS, &mut vs).map_err(fail)?;
+        opt.load(&dir.join("optimizer.safetensors")).map_err(fail)?;
+        scaler = serde_json::from_value(Checkpoints::state(&dir).map_err(fail)?["scaler"].clone())
+            .map_err(fail)?;
+        start = step;
+        tracing::info!("resuming from the checkpoint at step {step}");
+    }
+    let log_path = scratch.join("losses.jsonl");
+    let mut log = JsonlLog::open(&log_path, start).map_err(|e| StageError::io(&log_path, e))?;
+    let bar = ctx.progress(p.steps, "steps");
+    bar.set_position(start);
+    for step in start..p.steps {
+        ctx.check_cancelled()?;
+        let b = sampler.batch(step, p.batch_size);
+        let x = Tensor::from_slice(&b.data)
+            .view(b.shape.map(|v| v as i64))
+            .to_device(dev);
+        let y: Vec<i64> = b.ids.iter().map(|id| labels[id] as i64).collect();
+        let y = Tensor::from_slice(&y).to_device(dev);
+        tch::manual_seed(step_seed(p.seed, step) as i64);
+        let logits = tch::autocast(scaler.enabled, || net.forward(&x)).to_kind(Kind::Float);
+        let loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0);
+        let lv = loss.double_value(&[]);
+        if !lv.is_finite() {
+            return Err(fail(format!(
+                "the loss is not finite at step {step}; nothing is committed"
+            )));
+        }
+        opt.zero_grad();
+        scaler.backward(&loss);
+        let lr = sched.lr(step);
+        let (gn, stepped) = scaler.step(&mut opt, lr, p.grad_clip);
+        log.write(&serde_json::json!({"step": step, "lr": lr, "loss": lv, "grad_norm": gn, "stepped": stepped}))
+            .map_err(|e| StageError::io(&log_path, e))?;
+        bar.inc(1);
+        let done = step + 1;
+        if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.steps {
+            let w = |path: &Path| opt.save(path).map_err(|e| e.to_string());
+            cps.save(
+                done,
+                &[(WEIGHTS, &vs)],
+                &[("optimizer.safetensors", &w)],
+                serde_json::json!({ "scaler": scaler }),
+            )
+            .map_err(fail)?;
+        }
+    }
+    bar.finish_and_clear();
+    let out = ctx.output_dir("model")?;
+    vs.save(out.join(WEIGHTS)).map_err(fail)?;
+    std::fs::copy(&log_path, out.join("losses.jsonl")).map_err(|e| StageError::io(&log_path, e))?;
+    plot_jsonl(
+        &out.join("losses.jsonl"),
+        &out.join("losses.png"),
+        "classification loss (cross-entropy)",
+        &["loss"],
+        true,
+    )
+    .map_err(fail)?;
+    write_json(&out.join("splits.json"), &splits)?;
+    let cfg = ClassifierConfig {
+        unetr: ucfg,
+        classes,
+        label_attr: p.label_attr.clone(),
+        training: p.clone(),
+        trainable_parameters: n_params,
+    };
+    write_json(
+        &out.join("config.json"),
+        &serde_json::json!({"classifier": cfg, "values": values}),
+    )?;
+    ctx.set_metric("trainable_parameters", n_params);
+    Ok(())
+}
+
+/// Mean class probabilities over the windows covering a latent.
+fn classify_volume(
+    net: &Unetr,
+    s: &CropSource,
+    roi: i64,
+    overlap: f64,
+    batch: usize,
+    dev: Device,
+) -> Result<Vec<f64>, StageError> {
+    let _ng = tch::no_grad_guard();
+    let sh = s.shape;
+    let x = Tensor::from_slice(&s.data)
+        .view(sh.map(|v| v as i64))
+        .unsqueeze(0)
+        .to_device(dev);
+    let shape = [sh[1], sh[2], sh[3]];
+    let r = [roi as usize; 3];
+    let pad = pad_to_window(shape, r);
+    let x = x.constant_pad_nd([
+        pad[2].0 as i64,
+        pad[2].1 as i64,
+        pad[1].0 as i64,
+        pad[1].1 as i64,
+        pad[0].0 as i64,
+        pad[0].1 as i64,
+    ]);
+    let ps: [usize; 3] = std::array::from_fn(|a| shape[a] + pad[a].0 + pad[a].1);
+    let starts = window_starts(ps, r, overlap);
+    let mut sum: Option<Tensor> = None;
+    for chunk in starts.chunks(batch.max(1)) {
+        let crops: Vec<Tensor> = chunk
+            .iter()
+            .map(|o| {
+                x.narrow(2, o[0] as i64, roi)
+                    .narrow(3, o[1] as i64, roi)
+                    .narrow(4, o[2] as i64, roi)
+            })
+            .collect();
+        let p = net
+            .forward(&Tensor::cat(&crops, 0))
+            .to_kind(Kind::Float)
+            .softmax(1, Kind::Float)
+            .sum_dim_intlist([0i64].as_slice(), false, Kind::Float);
+        sum = Some(match sum {
+            Some(s) => s + p,
+            None => p,
+        });
+    }
+    let mean = sum.ok_or_else(|| fail("no windows"))? / starts.len() as f64;
+    Vec::<f64>::try_from(mean.to_kind(Kind::Double).to_device(Device::Cpu)).map_err(fail)
+}
+
+pub fn eval(
+    _: &ClassifyEval,
+    p: &ClassifyEvalParams,
+    ctx: &mut StageContext,
+) -> Result<(), StageError> {
+    let dev = device(ctx);
+    let dir = ctx.input("model")?.dir.clone();
+    let j: serde_json::Value = read_json(&dir.join("config.json"))?;
+    let cfg: ClassifierConfig = serde_json::from_value(j["classifier"].clone()).map_err(fail)?;
+    let values: Vec<i64> = serde_json::from_value(j["values"].clone()).map_err(fail)?;
+    let splits: Splits = read_json(&dir.join("splits.json"))?;
+    let mut vs = VarStore::new(dev);
+    let net = Unetr::new(&vs.root(), &cfg.unetr).map_err(StageError::input)?;
+    vs.load(dir.join(WEIGHTS)).map_err(|e| {
+        StageError::input(format!(
+            "cannot load '{}': {e}",
+            dir.join(WEIGHTS).display()
+        ))
+    })?;
+    vs.freeze();
+    let items = ctx.input("latents")?.items.clone();
+    let k = values.len();
+    let mut report = serde_json::Map::new();
+    let mut csv = String::from("subject,domain,set,truth,prediction");
+    for c in &cfg.classes {
+        csv.push_str(&format!(",p_{c}"));
+    }
+    csv.push('\n');
+    for (set, name, ids) in [
+        ("test", "in_domain", &splits.test),
+        ("heldout", "unseen_domain", &splits.heldout),
+    ] {
+        let samples = read_samples(&items, ids, &cfg.label_attr, &values)?;
+        let mut probs = Vec::new();
+        let mut truth = Vec::new();
+        let mut pred = Vec::new();
+        for s in &samples {
+            ctx.check_cancelled()?;
+            let pr = classify_volume(
+                &net,
+                &s.source,
+                cfg.unetr.img_size,
+                p.overlap,
+                p.sw_batch,
+                dev,
+            )?;
+            let arg = (0..k)
+                .max_by(|&a, &b| pr[a].total_cmp(&pr[b]))
+                .expect("classes");
+            csv.push_str(&format!(
+                "{},{},{set},{},{}",
+                s.id, s.domain, cfg.classes[s.class], cfg.classes[arg]
+            ));
+            for v in &pr {
+                csv.push_str(&format!(",{v:.6}"));
+            }
+            csv.push('\n');
+            probs.push(pr);
+            truth.push(s.class);
+            pred.push(arg);
+        }
+        let acc = accuracy(&pred, &truth);
+        let auc = macro_auc(&probs, &truth, k);
+        let num = |x: f64| {
+            if x.is_finite() {
+                serde_json::json!(x)
+            } else {
+                serde_json::Value::Null
+            }
+        };
+        report.insert(name.into(), serde_json::json!({"cases": samples.len(), "accuracy": num(acc), "macro_auc": num(auc)}));
+        ctx.set_metric(&format!("accuracy_{name}"), num(acc));
+        ctx.set_metric(&format!("auc_{name}"), num(auc));
+    }
+    let out = ctx.output_dir("report")?;
+    report.insert("label_attr".into(), cfg.label_attr.clone().into());
+    report.insert("classes".into(), serde_json::json!(cfg.classes));
+    report.insert(
+        "label_fraction".into(),
+        splits.label_fraction.clone().into(),
+    );
+    write_json(&out.join("classification.json"), &report)?;
+    std::fs::write(out.join("per_case.csv"), csv)
+        .map_err(|e| StageError::io(&out.join("per_case.csv"), e))?;
+    Ok(())
+}
