@@ -117,6 +117,7 @@ pub(crate) fn write_spec(
 }
 
 /// The sbatch request of stage `i` running `work`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn job_request(
     pipeline: &Pipeline,
     cfg: &SlurmConfig,
