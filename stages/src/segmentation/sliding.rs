@@ -8,10 +8,9 @@
 //! - Window starts per axis are `0, s, 2s, ...` until a window reaches the end; the last is
 //!   moved back to end exactly at the edge ([`window_starts`], MONAI `dense_patch_slices`),
 //!   so every voxel is covered and no window leaves the volume.
-//! - Each window's prediction is weighted by a Gaussian importance map
-//!   ([`gaussian_importance`], sigma = `sigma_scale * roi` per axis, centred on voxel
-//!   `roi / 2`, maximum 1, values below the smallest positive one raised to it), summed,
-//!   and divided by the summed weights.
+//! - Each window's prediction is weighted by MONAI's Gaussian importance map
+//!   ([`gaussian_importance`], sigma = `sigma_scale * roi` per axis, centred at
+//!   `(roi - 1) / 2`, at least 1e-3), summed, and divided by the summed weights.
 
 /// Symmetric padding `(before, after)` per axis that brings `shape` up to `roi`.
 pub fn pad_to_window(shape: [usize; 3], roi: [usize; 3]) -> [(usize, usize); 3] {
@@ -69,13 +68,24 @@ pub fn window_starts(shape: [usize; 3], roi: [usize; 3], overlap: f64) -> Vec<[u
     out
 }
 
-/// The Gaussian importance map of a window, C order `[roi[0], roi[1], roi[2]]`.
+/// The Gaussian importance map of a window, C order `[roi[0], roi[1], roi[2]]`, exactly as
+/// MONAI's `compute_importance_map(mode="gaussian")`: per axis
+/// `exp(-(i - (n-1)/2)^2 / (2 (sigma_scale n)^2))` (centred between the middle voxels for
+/// even sizes, not normalised), multiplied over the axes, then raised to at least
+/// `max(min, 1e-3)`.
 pub fn gaussian_importance(roi: [usize; 3], sigma_scale: f64) -> Vec<f32> {
-    let axis = |a: usize| -> Vec<f64> {
-        let c = (roi[a] / 2) as f64;
-        let s = (sigma_scale * roi[a] as f64).max(1e-6);
+    let axis = |a: usize| -> Vec<f32> {
+        let c = (roi[a] as f64 - 1.0) / 2.0;
+        let s = sigma_scale * roi[a] as f64;
         (0..roi[a])
-            .map(|i| (-(i as f64 - c).powi(2) / (2.0 * s * s)).exp())
+            .map(|i| {
+                let x = i as f64 - c;
+                if s > 0.0 {
+                    (-(x * x) / (2.0 * s * s)).exp() as f32
+                } else {
+                    f32::from(x == 0.0)
+                }
+            })
             .collect()
     };
     let (gx, gy, gz) = (axis(0), axis(1), axis(2));
@@ -83,18 +93,12 @@ pub fn gaussian_importance(roi: [usize; 3], sigma_scale: f64) -> Vec<f32> {
     for a in &gx {
         for b in &gy {
             for c in &gz {
-                w.push((a * b * c) as f32);
+                w.push(a * b * c);
             }
         }
     }
-    let max = w.iter().cloned().fold(0.0f32, f32::max);
-    w.iter_mut().for_each(|x| *x /= max);
-    let min_pos = w
-        .iter()
-        .cloned()
-        .filter(|&x| x > 0.0)
-        .fold(f32::INFINITY, f32::min);
-    w.iter_mut().for_each(|x| *x = x.max(min_pos));
+    let floor = w.iter().cloned().fold(f32::INFINITY, f32::min).max(1e-3);
+    w.iter_mut().for_each(|x| *x = x.max(floor));
     w
 }
 
@@ -146,12 +150,22 @@ mod tests {
     fn gaussian_map() {
         let w = gaussian_importance([8, 8, 9], 0.125);
         assert_eq!(w.len(), 8 * 8 * 9);
-        // Maximum 1 at the centre voxel (4, 4, 4); positive everywhere; symmetric about it.
-        assert_eq!(w[(4 * 8 + 4) * 9 + 4], 1.0);
-        assert!(w.iter().all(|&x| x > 0.0 && x <= 1.0));
-        assert_eq!(w[(3 * 8 + 4) * 9 + 4], w[(5 * 8 + 4) * 9 + 4]);
-        // sigma = 1 voxel: one voxel off-centre is exp(-1/2).
-        let e = w[(3 * 8 + 4) * 9 + 4] as f64;
-        assert!((e - (-0.5f64).exp()).abs() < 1e-6, "{e}");
+        let at = |i: usize, j: usize, k: usize| w[(i * 8 + j) * 9 + k] as f64;
+        // Even axes are centred at 3.5 (sigma 1), the odd one at 4 (sigma 1.125).
+        let want = (-0.125f64).exp().powi(2);
+        assert!((at(3, 4, 4) - want).abs() < 1e-6, "{}", at(3, 4, 4));
+        assert_eq!(at(3, 3, 4), at(4, 4, 4));
+        assert_eq!(at(0, 2, 1), at(7, 5, 7));
+        assert!(w.iter().all(|&x| x >= 1e-3 && x <= 1.0));
+        // MONAI 1.x, compute_importance_map((48,)*3, "gaussian", 0.125): max 0.98964,
+        // min clamped to 1e-3, [24, 24, :3] = [1e-3, 1e-3, 0.0016172].
+        let m = gaussian_importance([48, 48, 48], 0.125);
+        let max = m.iter().cloned().fold(0.0f32, f32::max);
+        assert!((max - 0.989_637_4).abs() < 1e-6, "{max}");
+        let row = &m[(24 * 48 + 24) * 48..][..3];
+        assert!(
+            (row[0] - 1e-3).abs() < 1e-9 && (row[2] - 0.001_617_16).abs() < 1e-7,
+            "{row:?}"
+        );
     }
 }

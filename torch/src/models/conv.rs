@@ -94,7 +94,25 @@ impl ConvT3 {
 
     /// # Shapes
     /// `[b, cin, X, Y, Z]` -> `[b, cout, X * sx, Y * sy, Z * sz]`
+    ///
+    /// With kernel = stride the output blocks do not overlap, so the transposed convolution
+    /// is one matrix product `[b X Y Z, cin] x [cin, cout sx sy sz]` followed by a
+    /// rearrangement (PyTorch's CPU `slow_conv_transpose3d` is several times slower);
+    /// [`ConvT3::forward_reference`] is libtorch's own, for tests.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, cin, nx, ny, nz) = x.size5().expect("[b, c, X, Y, Z]");
+        let [sx, sy, sz] = self.stride;
+        let cout = self.weight.size()[1];
+        x.permute([0, 2, 3, 4, 1])
+            .reshape([-1, cin])
+            .matmul(&self.weight.reshape([cin, -1]))
+            .view([b, nx, ny, nz, cout, sx, sy, sz].as_slice())
+            .permute([0i64, 4, 1, 5, 2, 6, 3, 7].as_slice())
+            .reshape([b, cout, nx * sx, ny * sy, nz * sz])
+    }
+
+    /// `torch.nn.functional.conv_transpose3d(x, weight, stride=stride)`.
+    pub fn forward_reference(&self, x: &Tensor) -> Tensor {
         x.conv_transpose3d(
             &self.weight,
             None::<&Tensor>,
