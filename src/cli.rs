@@ -155,7 +155,11 @@ pub enum Command {
     Kinds { kind: Option<String> },
     /// Execute one stage from a spec written by the planner (what cluster jobs run).
     ExecStage {
-        #[arg(long, required_unless_present = "pipeline", conflicts_with = "pipeline")]
+        #[arg(
+            long,
+            required_unless_present = "pipeline",
+            conflicts_with = "pipeline"
+        )]
         spec: Option<PathBuf>,
         /// Cache folder (default: the folder holding specs/).
         #[arg(long)]

@@ -418,7 +418,11 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
                             .with_context(|| format!("cannot hash '{}'", path.display()))?,
                     }
                 };
-                tracing::debug!("hashed '{}' in {:.3} ms", path.display(), t0.elapsed().as_secs_f64() * 1e3);
+                tracing::debug!(
+                    "hashed '{}' in {:.3} ms",
+                    path.display(),
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
                 println!("{digest}  {}", path.display());
             }
             Ok(0)

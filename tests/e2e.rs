@@ -361,7 +361,11 @@ fn vae_training_reduces_loss_and_reconstructs_heldout_volumes() {
     let l1: Vec<f64> = std::fs::read_to_string(vae.join("losses.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["l1"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["l1"]
+                .as_f64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(l1.len(), 200);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
@@ -371,9 +375,17 @@ fn vae_training_reduces_loss_and_reconstructs_heldout_volumes() {
         serde_json::from_str(&std::fs::read_to_string(vae.join("eval.json")).unwrap()).unwrap();
     let psnr = eval["psnr"].as_f64().unwrap();
     let floor = eval["psnr_constant"].as_f64().unwrap();
-    println!("vae fit: L1 {first:.4} -> {last:.4}, held-out PSNR {psnr:.2} dB (constant {floor:.2} dB)");
+    println!(
+        "vae fit: L1 {first:.4} -> {last:.4}, held-out PSNR {psnr:.2} dB (constant {floor:.2} dB)"
+    );
     assert_eq!(eval["heldout"].as_array().unwrap().len(), 2);
-    assert!(floor > 5.0 && floor < 20.0, "constant-image PSNR {floor:.2} dB");
-    assert!(psnr > floor + 2.0, "held-out PSNR {psnr:.2} dB, constant image {floor:.2} dB");
+    assert!(
+        floor > 5.0 && floor < 20.0,
+        "constant-image PSNR {floor:.2} dB"
+    );
+    assert!(
+        psnr > floor + 2.0,
+        "held-out PSNR {psnr:.2} dB, constant image {floor:.2} dB"
+    );
     assert!(vae.join("losses.png").is_file() && vae.join("recon.png").is_file());
 }

@@ -124,11 +124,7 @@ pub fn exec_stage_item(
 }
 
 /// The id of item `n` of a spec: `spec.items[n]`, else the `n`-th input item.
-fn item_id_at(
-    spec: &ExecSpec,
-    p: &crate::exec::Prepared,
-    n: usize,
-) -> Result<String, EngineError> {
+fn item_id_at(spec: &ExecSpec, p: &crate::exec::Prepared, n: usize) -> Result<String, EngineError> {
     let Some(map_input) = p.kind.map_over() else {
         return Err(EngineError::Other(format!(
             "an item index was given but stage '{}' ({}) is not a fan-out stage",
@@ -137,7 +133,10 @@ fn item_id_at(
     };
     let ids: Vec<String> = match &spec.items {
         Some(ids) => ids.clone(),
-        None => mapped_items(p, map_input).into_iter().map(|i| i.id).collect(),
+        None => mapped_items(p, map_input)
+            .into_iter()
+            .map(|i| i.id)
+            .collect(),
     };
     ids.get(n).cloned().ok_or_else(|| {
         EngineError::Other(format!(

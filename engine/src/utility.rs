@@ -403,7 +403,10 @@ impl Stage for Wait {
             fs::write(&tmp, (step + 1).to_string()).map_err(|e| StageError::io(&tmp, e))?;
             fs::rename(&tmp, &state).map_err(|e| StageError::io(&state, e))?;
         }
-        write_text(ctx, &format!("counted {} steps of {} ms\n", p.steps, p.step_ms))
+        write_text(
+            ctx,
+            &format!("counted {} steps of {} ms\n", p.steps, p.step_ms),
+        )
     }
 }
 

@@ -7,8 +7,8 @@
 //! and schedules, and starts this worker only for stages that need it.
 
 pub mod device;
-pub mod inference;
 pub mod diffusion;
+pub mod inference;
 pub mod models;
 pub mod quality;
 pub mod runners;

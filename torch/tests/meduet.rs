@@ -40,7 +40,9 @@ fn py_prelude() -> String {
 static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn global_rng() -> std::sync::MutexGuard<'static, ()> {
-    GLOBAL_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    GLOBAL_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn build(cfg: &Config, seed: i64) -> (nn::VarStore, MeDuet) {
@@ -514,11 +516,17 @@ fn gradient_reversal_flips_content_gradient() {
     // Relative error in norm: CPU kernels may reduce in another order on other machines, so
     // element-wise tolerances fail on entries that are themselves rounding noise.
     let e = tensor_rel_err(&pc_grl, &(-&pc_plain));
-    assert!(e < 1e-4, "content factorizer gradient flips (relative error {e:e})");
+    assert!(
+        e < 1e-4,
+        "content factorizer gradient flips (relative error {e:e})"
+    );
     let e = tensor_rel_err(&qkv_grl, &(-&qkv_plain));
     assert!(e < 1e-4, "encoder gradient flips (relative error {e:e})");
     let e = tensor_rel_err(&cls_grl, &cls_plain);
-    assert!(e < 1e-5, "the classifier itself is unaffected (relative error {e:e})");
+    assert!(
+        e < 1e-5,
+        "the classifier itself is unaffected (relative error {e:e})"
+    );
     assert!(!style_grad, "no style loss, no style gradient");
 }
 

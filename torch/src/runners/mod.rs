@@ -15,8 +15,8 @@ pub mod common;
 pub mod diffusion;
 pub mod factors;
 pub mod pretrain;
-pub mod synthesis;
 pub mod segment;
+pub mod synthesis;
 pub mod vae;
 
 use meduet_engine::{Implementation, Registry};
@@ -40,13 +40,28 @@ pub fn implement(r: &mut Registry) {
         kinds::diffusion::DiffusionTrain,
         Implementation::run(diffusion::train),
     );
-    r.implement(kinds::diffusion::Sample, Implementation::run(diffusion::sample));
+    r.implement(
+        kinds::diffusion::Sample,
+        Implementation::run(diffusion::sample),
+    );
     r.implement(
         kinds::diffusion::SynthesisMetrics,
         Implementation::run(synthesis::run),
     );
-    r.implement(kinds::segment::SegmentTrain, Implementation::run(segment::train));
-    r.implement(kinds::segment::SegmentEval, Implementation::run(segment::eval));
-    r.implement(kinds::segment::ClassifyTrain, Implementation::run(classify::train));
-    r.implement(kinds::segment::ClassifyEval, Implementation::run(classify::eval));
+    r.implement(
+        kinds::segment::SegmentTrain,
+        Implementation::run(segment::train),
+    );
+    r.implement(
+        kinds::segment::SegmentEval,
+        Implementation::run(segment::eval),
+    );
+    r.implement(
+        kinds::segment::ClassifyTrain,
+        Implementation::run(classify::train),
+    );
+    r.implement(
+        kinds::segment::ClassifyEval,
+        Implementation::run(classify::eval),
+    );
 }
