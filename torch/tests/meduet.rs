@@ -487,6 +487,14 @@ fn gradient_reversal_flips_content_gradient() {
 
     // in the model: the content domain loss with the GRL (lambda 1) vs without it (lambda -1,
     // i.e. gradient x +1), same weights
+    let reference_weights = {
+        let (vs, _) = build(&Config::tiny(), 3);
+        vs.variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.detach().copy()))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    let fixed = inputs(&Config::tiny(), 4, 5);
     let grads = |lambda: f64| {
         let mut cfg = Config::tiny();
         cfg.loss.grl_lambda = lambda;
@@ -495,7 +503,14 @@ fn gradient_reversal_flips_content_gradient() {
         cfg.loss.mftd = 0.0;
         cfg.loss.siqc = 0.0;
         let (vs, model) = build(&cfg, 3);
-        let (x, domains, masks) = inputs(&cfg, 4, 5);
+        // The same weights and inputs for both runs whatever else draws from libtorch's
+        // global generator meanwhile: copy them from one fixed reference.
+        tch::no_grad(|| {
+            for (name, mut v) in vs.variables() {
+                let _ = v.copy_(&reference_weights[&name]);
+            }
+        });
+        let (x, domains, masks) = (&fixed.0, &fixed.1, &fixed.2);
         let l = model
             .forward_losses(&model, &x, &domains, &masks, StepInfo::new(0, 10))
             .unwrap();
