@@ -224,25 +224,34 @@ fn tiny_method_pipeline_end_to_end() {
     assert!(text(&plan).contains("8 of 8 stage(s) cached"));
 }
 
-/// The loss trace of a pretraining killed after a checkpoint and resumed equals an
-/// uninterrupted run's.
-#[test]
-fn killed_pretraining_resumes_with_identical_losses() {
+/// Runs `stage` of `pipe` twice in fresh folders: once uninterrupted, once SIGKILLed (the
+/// scheduler, and with it the worker) as soon as `checkpoint` is the stage's latest (after
+/// computing the `upstream` stages), then rerun. Returns both runs' loss logs, parsed.
+fn uninterrupted_and_resumed(
+    pipe: &str,
+    upstream: &[&str],
+    stage: &str,
+    output: &str,
+    checkpoint: &str,
+) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
     let d = tempfile::tempdir().unwrap();
-    let pipe = TINY.replace("steps = 10\nbatch_size = 4", "steps = 12\nbatch_size = 4");
     let a = d.path().join("a");
     let b = d.path().join("b");
     for dir in [&a, &b] {
         std::fs::create_dir_all(dir).unwrap();
-        std::fs::write(dir.join("p.toml"), &pipe).unwrap();
+        std::fs::write(dir.join("p.toml"), pipe).unwrap();
     }
     let pa = a.join("p.toml").to_string_lossy().into_owned();
     let pb = b.join("p.toml").to_string_lossy().into_owned();
-    run_ok(&["run", &pa, "--only", "pretrain", "--threads", "2"]);
-    // b: run until the pretraining has written its second checkpoint, then kill it.
-    run_ok(&["run", &pb, "--only", "encode", "--threads", "2"]);
+    run_ok(&["run", &pa, "--only", stage, "--threads", "2"]);
+    // b: compute the stage's inputs, then run it until `checkpoint` is written and kill it.
+    let mut prep = vec!["run", pb.as_str(), "--threads", "2"];
+    for u in upstream {
+        prep.extend(["--only", u]);
+    }
+    run_ok(&prep);
     let mut child = meduet()
-        .args(["run", &pb, "--only", "pretrain", "--threads", "2"])
+        .args(["run", &pb, "--only", stage, "--threads", "2"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -254,18 +263,18 @@ fn killed_pretraining_resumes_with_identical_losses() {
             rd.filter_map(|e| e.ok())
                 .find_map(|e| std::fs::read_to_string(e.path().join("latest")).ok())
         });
-        if latest.as_deref().map(str::trim) == Some("checkpoint-00000006") {
+        if latest.as_deref().map(str::trim) == Some(checkpoint) {
             break;
         }
         assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no checkpoint appeared"
+            t0.elapsed() < Duration::from_secs(600),
+            "no {checkpoint} appeared"
         );
         assert!(
             child.try_wait().unwrap().is_none(),
             "the run ended before it could be killed"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
     // SIGKILL the scheduler: its worker dies with it (parent-death signal).
     unsafe {
@@ -285,32 +294,96 @@ fn killed_pretraining_resumes_with_identical_losses() {
         "no worker survives its scheduler: {}",
         String::from_utf8_lossy(&orphans.stdout)
     );
-    let out = run_ok(&["run", &pb, "--only", "pretrain", "--threads", "2"]);
+    let out = run_ok(&["run", &pb, "--only", stage, "--threads", "2"]);
     assert!(
         text(&out).contains("resuming from the checkpoint at step"),
         "{}",
         text(&out)
     );
-    let la =
-        std::fs::read_to_string(object_of(&a, "p.toml", "pretrain").join("out/model/losses.jsonl"))
-            .unwrap();
-    let lb =
-        std::fs::read_to_string(object_of(&b, "p.toml", "pretrain").join("out/model/losses.jsonl"))
-            .unwrap();
-    let totals = |s: &str| {
-        s.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .map(|v| {
-                (
-                    v["step"].as_u64().unwrap(),
-                    v["total"].as_f64().unwrap(),
-                    v["rec"].as_f64().unwrap(),
-                )
-            })
-            .collect::<Vec<_>>()
+    let log = |dir: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(
+            object_of(dir, "p.toml", stage)
+                .join("out")
+                .join(output)
+                .join("losses.jsonl"),
+        )
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
     };
-    let (ta, tb) = (totals(&la), totals(&lb));
+    (log(&a), log(&b))
+}
+
+/// The named columns of a loss log, per step.
+fn columns(log: &[serde_json::Value], names: &[&str]) -> Vec<(u64, Vec<Option<f64>>)> {
+    log.iter()
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                names.iter().map(|n| v[*n].as_f64()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// The loss trace of a pretraining killed after a checkpoint and resumed equals an
+/// uninterrupted run's.
+#[test]
+fn killed_pretraining_resumes_with_identical_losses() {
+    let pipe = TINY.replace("steps = 10\nbatch_size = 4", "steps = 12\nbatch_size = 4");
+    let (a, b) = uninterrupted_and_resumed(
+        &pipe,
+        &["encode"],
+        "pretrain",
+        "model",
+        "checkpoint-00000006",
+    );
+    let (ta, tb) = (
+        columns(&a, &["total", "rec"]),
+        columns(&b, &["total", "rec"]),
+    );
     assert_eq!(ta.len(), 12);
+    assert_eq!(
+        ta, tb,
+        "the resumed run's losses equal the uninterrupted run's"
+    );
+}
+
+/// UNETR segmentation from the tiny MeDUET with style augmentation on every step, its
+/// target prototype refreshed every 3 steps: killed after the step-4 checkpoint and
+/// resumed, its losses (clean, augmented, KL) equal the uninterrupted run's, so the
+/// weights, the optimiser and the style prototype all came back.
+#[test]
+fn killed_segmentation_training_resumes_with_identical_losses() {
+    let pipe = format!(
+        "{TINY}{}",
+        r#"
+[stages.seg]
+kind = "segment_train"
+inputs = { volumes = "resample.volumes", latents = "encode.latents", meduet = "pretrain.model" }
+labels = [1]
+split = { train_domains = ["venous", "arterial", "native"] }
+unetr = { init = "meduet", crop = 16, feature_size = 8 }
+steps = 12
+batch_size = 2
+val_every = 0
+checkpoint_every = 2
+style_augment = { enabled = true, probability = 1.0, prototype_every = 3, prototype_volumes = 2, target = "heldout", kl_weight = 0.3 }
+"#
+    );
+    let (a, b) =
+        uninterrupted_and_resumed(&pipe, &["pretrain"], "seg", "model", "checkpoint-00000004");
+    let names = ["loss", "dice_loss", "ce", "aug_loss", "kl", "style_alpha"];
+    let (ta, tb) = (columns(&a, &names), columns(&b, &names));
+    assert_eq!(ta.len(), 12);
+    // Every step was augmented with a strength in the 100% column's range, KL computed.
+    for (step, v) in &ta {
+        assert!(v.iter().all(Option::is_some), "step {step}: {v:?}");
+        let alpha = v[5].unwrap();
+        assert!((0.2..=0.5).contains(&alpha), "step {step}: alpha {alpha}");
+        assert!(v[4].unwrap() >= 0.0);
+    }
     assert_eq!(
         ta, tb,
         "the resumed run's losses equal the uninterrupted run's"

@@ -328,6 +328,123 @@ fn unetr_from_meduet_copies_bit_identical_tensors() {
     assert!(e.contains("has shape"), "{e}");
 }
 
+/// Style augmentation's tensor parts on a tiny random MeDUET: the prototype of a latent
+/// exactly one crop large is that crop's style; the EMA of two updates; mixing toward a
+/// prototype equal to the batch's own style changes nothing whatever the strength, while a
+/// different prototype does, and strength 0 is MeDUET's plain reconstruction; the
+/// prototype survives a checkpoint.
+#[test]
+fn style_augmenter_mixes_toward_the_prototype() {
+    use meduet_stages::segmentation::style_augment::{AugmentedTask, StyleAugmentParams};
+    use meduet_torch::runners::style_augment::{StyleAugmenter, PROTOTYPE_FILE};
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_meduet();
+    let (z, other) = {
+        let _g = global_rng();
+        tch::manual_seed(21);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _net = MeDuet::new(&vs.root(), &m).unwrap();
+        tch::no_grad(|| {
+            for (name, mut t) in vs.variables() {
+                if !name.contains("norm") {
+                    let r = Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.2;
+                    t.copy_(&r);
+                }
+            }
+        });
+        vs.save(dir.path().join("student.safetensors")).unwrap();
+        let z = Tensor::randn(
+            [1, m.in_chans, m.crop, m.crop, m.crop],
+            (Kind::Float, Device::Cpu),
+        );
+        let other = Tensor::randn(
+            [1, m.in_chans, m.crop, m.crop, m.crop],
+            (Kind::Float, Device::Cpu),
+        ) * 2.0
+            + 1.0;
+        (z, other)
+    };
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_vec(&serde_json::json!({ "model": m })).unwrap(),
+    )
+    .unwrap();
+    let settings = StyleAugmentParams {
+        enabled: true,
+        ..Default::default()
+    }
+    .resolve("100%", AugmentedTask::Segmentation)
+    .unwrap()
+    .unwrap();
+    let crop = m.crop as usize;
+    let mut aug =
+        StyleAugmenter::load(dir.path(), settings, crop, m.in_chans, Device::Cpu).unwrap();
+    let err = StyleAugmenter::load(dir.path(), settings, crop + 4, m.in_chans, Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("unetr.crop"), "{err}");
+    assert!(aug.augment(&z, 0.3).is_err(), "no prototype yet");
+
+    // A reference model to compare with.
+    let rvs = {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let net = MeDuet::new(&vs.root(), &m).unwrap();
+        vs.load(dir.path().join("student.safetensors")).unwrap();
+        (vs, net)
+    };
+    let net = &rvs.1;
+    let _ng = tch::no_grad_guard();
+    let f = net.encode_full(&z);
+    let as_array = |t: &Tensor| {
+        let s = t.size();
+        (
+            Vec::<f32>::try_from(t.reshape([-1])).unwrap(),
+            [s[1] as usize, s[2] as usize, s[3] as usize, s[4] as usize],
+        )
+    };
+    let own = aug.mean_style(&[as_array(&z)]);
+    let expect = f.style.squeeze_dim(0);
+    assert!(
+        own.allclose(&expect, 1e-5, 1e-5, false),
+        "prototype of one crop is its style"
+    );
+
+    aug.update_prototype(own.copy());
+    let a = aug.augment(&z, 0.2).unwrap();
+    let b = aug.augment(&z, 0.8).unwrap();
+    let plain = net.decode_full(&f.content, &f.style, &f.cls);
+    assert!(
+        a.allclose(&b, 1e-4, 1e-5, false),
+        "own style: the strength does not matter"
+    );
+    assert!(a.allclose(&plain, 1e-4, 1e-5, false));
+
+    // Another prototype: EMA 0.9 of the updates; the augmented view moves with the strength.
+    let theirs = aug.mean_style(&[as_array(&other)]);
+    aug.update_prototype(theirs.copy());
+    let p = aug.prototype().unwrap().copy();
+    assert!(p.allclose(&(&own * 0.9 + &theirs * 0.1), 1e-6, 1e-6, false));
+    let a0 = aug.augment(&z, 0.0).unwrap();
+    let a1 = aug.augment(&z, 1.0).unwrap();
+    assert!(
+        a0.allclose(&plain, 1e-4, 1e-5, false),
+        "strength 0 reconstructs"
+    );
+    let moved = (&a1 - &a0).abs().max().double_value(&[]);
+    assert!(moved > 1e-3, "strength 1 changes the view ({moved})");
+    let by_hand = net.decode_full(&f.content, &p.unsqueeze(0), &f.cls);
+    assert!(a1.allclose(&by_hand, 1e-4, 1e-5, false));
+
+    // Checkpoint round trip.
+    let cp = dir.path().join("cp");
+    std::fs::create_dir_all(&cp).unwrap();
+    aug.save(&cp.join(PROTOTYPE_FILE)).unwrap();
+    let mut fresh =
+        StyleAugmenter::load(dir.path(), settings, crop, m.in_chans, Device::Cpu).unwrap();
+    fresh.load_state(&cp).unwrap();
+    assert!(fresh.prototype().unwrap().equal(&p));
+}
+
 /// 3 domains x 4 subjects at 3 mm (64³ after resampling); train on two domains, evaluate
 /// on their test subjects and on the third. A 4-step VAE and a 10-step MeDUET feed the
 /// UNETR and the classifier (run for coverage, no accuracy floor: their latents are
@@ -400,6 +517,7 @@ inputs = { latents = "encode.latents", meduet = "pretrain.model" }
 split = { train_domains = ["venous", "arterial"] }
 unetr = { init = "meduet", crop = 16, feature_size = 8 }
 steps = 4
+style_augment = { enabled = true, probability = 1.0, target = "heldout", kl_weight = 0.3 }
 [stages.cls_eval]
 kind = "classify_eval"
 inputs = { model = "cls.model", latents = "encode.latents" }
@@ -552,6 +670,25 @@ fn tiny_segmentation_pipeline() {
     assert!(std::fs::read(table.join("dice.png"))
         .unwrap()
         .starts_with(&[0x89, b'P', b'N', b'G']));
+
+    // The classifier trained with style augmentation on every step (toward the unseen
+    // domain's style): augmented loss, strength in the 100% column's range, KL logged.
+    let cl =
+        std::fs::read_to_string(out_dir(&store, &summary, "cls", "model").join("losses.jsonl"))
+            .unwrap();
+    let rows: Vec<serde_json::Value> = cl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        let a = r["style_alpha"].as_f64().unwrap();
+        assert!((0.2..=0.5).contains(&a), "{r}");
+        assert!(
+            r["aug_loss"].as_f64().unwrap().is_finite() && r["kl"].as_f64().unwrap() >= 0.0,
+            "{r}"
+        );
+    }
 
     // Classification report.
     let c = json(&out_dir(&store, &summary, "cls_eval", "report").join("classification.json"));

@@ -125,7 +125,9 @@ pub fn stratified_folds(y: &[usize], folds: usize, seed: u64) -> Vec<usize> {
 pub struct ProbeResult {
     pub accuracy: f64,
     pub macro_auc: f64,
-    /// Accuracy of always predicting the most frequent training class.
+    /// Accuracy of always predicting the most frequent class (its share of the samples).
+    /// (The majority of each fold's training part would be biased low under stratified
+    /// folds: it is the class the held-out fold has least of.)
     pub chance_accuracy: f64,
     pub fold_accuracy: Vec<f64>,
     pub folds: usize,
@@ -148,7 +150,6 @@ pub fn cross_validate(
     let assignment = stratified_folds(y, folds, seed);
     let mut probs = vec![vec![0.0; classes]; y.len()];
     let mut fold_accuracy = Vec::new();
-    let mut chance_hits = 0usize;
     for f in 0..folds {
         let train: Vec<usize> = (0..y.len()).filter(|&i| assignment[i] != f).collect();
         let test: Vec<usize> = (0..y.len()).filter(|&i| assignment[i] == f).collect();
@@ -160,26 +161,25 @@ pub fn cross_validate(
         let ytr: Vec<usize> = train.iter().map(|&i| y[i]).collect();
         let model = fit(&xt.standardized(&mean, &std), &ytr, classes, l2, iterations);
         let p = model.predict_proba(&x.select(&test).standardized(&mean, &std));
-        let mut counts = vec![0usize; classes];
-        for &c in &ytr {
-            counts[c] += 1;
-        }
-        let majority = (0..classes).max_by_key(|&c| counts[c]).unwrap_or(0);
         let mut pred = Vec::new();
         let mut truth = Vec::new();
         for (k, &i) in test.iter().enumerate() {
             probs[i] = p[k].clone();
             pred.push(argmax(&p[k]));
             truth.push(y[i]);
-            chance_hits += usize::from(y[i] == majority);
         }
         fold_accuracy.push(accuracy(&pred, &truth));
     }
     let pred: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
+    let mut counts = vec![0usize; classes];
+    for &c in y {
+        counts[c] += 1;
+    }
+    let majority = counts.iter().copied().max().unwrap_or(0);
     ProbeResult {
         accuracy: accuracy(&pred, y),
         macro_auc: macro_auc(&probs, y, classes),
-        chance_accuracy: chance_hits as f64 / y.len().max(1) as f64,
+        chance_accuracy: majority as f64 / y.len().max(1) as f64,
         fold_accuracy,
         folds,
         samples: y.len(),
@@ -227,6 +227,11 @@ mod tests {
         let r = cross_validate(&noise, &labels, 3, 5, 1e-2, 200, 0);
         assert!(r.accuracy < 0.55, "{}", r.accuracy);
         assert!((r.macro_auc - 0.5).abs() < 0.2, "{}", r.macro_auc);
+        // Balanced classes: chance is 1/3 exactly; 2:1 imbalance: 2/3.
+        assert!((r.chance_accuracy - 1.0 / 3.0).abs() < 1e-12);
+        let skewed: Vec<usize> = (0..90).map(|i| usize::from(i % 3 == 0)).collect();
+        let r = cross_validate(&noise, &skewed, 2, 5, 1e-2, 200, 0);
+        assert!((r.chance_accuracy - 2.0 / 3.0).abs() < 1e-12);
     }
 
     #[test]

@@ -62,7 +62,7 @@ pub struct Probe;
 impl Stage for Probe {
     type Params = ProbeParams;
     const KIND: &'static str = "probe";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "linear probes, silhouettes and t-SNE of content vs style vectors (factor identifiability)";
     fn inputs(&self) -> Vec<InputSpec> {

@@ -38,6 +38,7 @@ use crate::kinds::vae::{Amp, LATENTS, TORCH, VAE};
 use crate::segmentation::planner::PlannerConfig;
 use crate::segmentation::sampler::SegAugment;
 use crate::segmentation::splits::LabelFraction;
+use crate::segmentation::style_augment::StyleAugmentParams;
 
 /// A trained segmentation network.
 pub const SEGMENTER: ArtifactType = ArtifactType::single("segmenter");
@@ -231,6 +232,8 @@ pub struct SegmentTrainParams {
     /// Probability that a crop is centred on foreground.
     pub fg_fraction: Option<f64>,
     pub augment: SegAugment,
+    /// Style augmentation through a pretrained MeDUET (UNETR only; appendix C.4).
+    pub style_augment: StyleAugmentParams,
     /// Validation Dice (sliding window on the validation subjects) every this many steps
     /// (0: never).
     pub val_every: u64,
@@ -259,6 +262,7 @@ impl Default for SegmentTrainParams {
             grad_clip: 12.0,
             fg_fraction: None,
             augment: SegAugment::default(),
+            style_augment: StyleAugmentParams::default(),
             val_every: 50,
             checkpoint_every: 100,
             amp: Amp::Fp16,
@@ -372,6 +376,10 @@ impl Stage for SegmentTrain {
     fn validate(&self, p: &SegmentTrainParams) -> Result<(), String> {
         p.split.validate()?;
         p.augment.validate()?;
+        p.style_augment.validate()?;
+        if p.style_augment.enabled && p.network != Network::Unetr {
+            return Err("style_augment: style augmentation works on MeDUET latents: network must be \"unetr\"".into());
+        }
         if p.steps == 0 || p.batch_size == 0 {
             return Err("steps: steps and batch_size must be positive".into());
         }
@@ -494,6 +502,8 @@ pub struct ClassifyTrainParams {
     pub warmup_steps: u64,
     pub grad_clip: f64,
     pub augment: SegAugment,
+    /// Style augmentation through a pretrained MeDUET (appendix C.4).
+    pub style_augment: StyleAugmentParams,
     pub checkpoint_every: u64,
     pub amp: Amp,
     pub seed: u64,
@@ -518,6 +528,7 @@ impl Default for ClassifyTrainParams {
                 shift_p: 0.0,
                 ..SegAugment::default()
             },
+            style_augment: StyleAugmentParams::default(),
             checkpoint_every: 100,
             amp: Amp::Fp16,
             seed: 0,
@@ -568,6 +579,7 @@ impl Stage for ClassifyTrain {
     fn validate(&self, p: &ClassifyTrainParams) -> Result<(), String> {
         p.split.validate()?;
         p.augment.validate()?;
+        p.style_augment.validate()?;
         if p.steps == 0 || p.batch_size == 0 {
             return Err("steps: steps and batch_size must be positive".into());
         }

@@ -8,9 +8,11 @@
 //! | [`sliding`] | sliding-window tiling and Gaussian blending weights (MONAI)          |
 //! | [`planner`] | nnU-Net's patch size, depth, strides and kernels from the data       |
 //! | [`sampler`] | paired input/label crops with foreground oversampling, augmentation  |
+//! | [`style_augment`] | style augmentation settings (Table 12 defaults) and per-step draws |
 
 pub mod metrics;
 pub mod planner;
 pub mod sampler;
 pub mod sliding;
 pub mod splits;
+pub mod style_augment;

@@ -4,7 +4,8 @@
 //! UNETR's trunk (scratch or MeDUET-initialised encoder) with its decoder features
 //! mean-pooled into a linear layer ([`UnetrHead::Classification`]). Training draws random
 //! latent crops (seeded by step; flips and rotations), cross-entropy, AdamW with warmup +
-//! cosine; checkpoints resume exactly. Evaluation averages the class probabilities of
+//! cosine; optional style augmentation through a pretrained MeDUET ([`super::style_augment`]);
+//! checkpoints resume exactly. Evaluation averages the class probabilities of
 //! the sliding windows covering each volume and reports accuracy and macro one-vs-rest AUC
 //! for the in-domain test subjects and for the unseen domains.
 
@@ -21,12 +22,14 @@ use meduet_stages::sampling::{CropSampler, CropSource, Sampling};
 use meduet_stages::schedule::CosineLrScheduler;
 use meduet_stages::segmentation::sliding::{pad_to_window, window_starts};
 use meduet_stages::segmentation::splits::{make_splits, SplitConfig, Splits};
+use meduet_stages::segmentation::style_augment::AugmentedTask;
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
 
 use super::common::{device, fail, read_json, step_seed, write_json};
 use super::segment::{by_id, domain_of, meduet_model_config, unetr_config, WEIGHTS};
+use super::style_augment::{kl_consistency, StyleAugmenter, PROTOTYPE_FILE};
 use crate::models::unetr::{PosEmbedInit, Unetr, UnetrConfig, UnetrHead};
 use crate::train::amp::GradScaler;
 use crate::train::checkpoint::Checkpoints;
@@ -119,6 +122,15 @@ pub fn train(
             "unetr.init = \"meduet\" needs a 'meduet' input",
         ));
     }
+    let style_aug = p
+        .style_augment
+        .resolve(&p.split.label_fraction, AugmentedTask::Classification)
+        .map_err(StageError::input)?;
+    if style_aug.is_some() && meduet_dir.is_none() {
+        return Err(StageError::input(
+            "style_augment needs a 'meduet' input (a pretrain stage's model)",
+        ));
+    }
     let subjects: Vec<(String, String)> =
         items.iter().map(|i| (i.id.clone(), domain_of(i))).collect();
     let splits = make_splits(
@@ -194,6 +206,14 @@ pub fn train(
             t.copied.len()
         );
     }
+    let latent_items = by_id(&items);
+    let mut augmenter = match (style_aug, &meduet_dir) {
+        (Some(s), Some(d)) => {
+            tracing::info!("style augmentation: p {}, alpha {:?}, weight {}, KL weight {}, prototype of {} {:?} volumes every {} steps (EMA {})", s.probability, s.alpha, s.weight, s.kl_weight, s.prototype_volumes, s.target, s.prototype_every, s.prototype_ema);
+            Some(StyleAugmenter::load(d, s, p.unetr.crop, in_ch, dev)?)
+        }
+        _ => None,
+    };
     let labels: BTreeMap<String, usize> = train.iter().map(|s| (s.id.clone(), s.class)).collect();
     let crop = p.unetr.crop;
     let sampler = CropSampler::new(
@@ -246,6 +266,9 @@ pub fn train(
         opt.load(&dir.join("optimizer.safetensors")).map_err(fail)?;
         scaler = serde_json::from_value(Checkpoints::state(&dir).map_err(fail)?["scaler"].clone())
             .map_err(fail)?;
+        if let Some(a) = augmenter.as_mut() {
+            a.load_state(&dir)?;
+        }
         start = step;
         tracing::info!("resuming from the checkpoint at step {step}");
     }
@@ -263,7 +286,24 @@ pub fn train(
         let y = Tensor::from_slice(&y).to_device(dev);
         tch::manual_seed(step_seed(p.seed, step) as i64);
         let logits = tch::autocast(scaler.enabled, || net.forward(&x)).to_kind(Kind::Float);
-        let loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0);
+        let mut loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0);
+        let mut rec = serde_json::Map::new();
+        if let Some(a) = augmenter.as_mut() {
+            a.refresh(step, &splits, p.seed, &latent_items)?;
+            if let Some(alpha) = a.settings.draw(p.seed, step) {
+                let xa = a.augment(&x, alpha)?;
+                let la = tch::autocast(scaler.enabled, || net.forward(&xa)).to_kind(Kind::Float);
+                let aug = la.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0);
+                rec.insert("style_alpha".into(), alpha.into());
+                rec.insert("aug_loss".into(), aug.double_value(&[]).into());
+                loss = loss + aug * a.settings.weight;
+                if a.settings.kl_weight > 0.0 {
+                    let kl = kl_consistency(&logits, &la);
+                    rec.insert("kl".into(), kl.double_value(&[]).into());
+                    loss = loss + kl * a.settings.kl_weight;
+                }
+            }
+        }
         let lv = loss.double_value(&[]);
         if !lv.is_finite() {
             return Err(fail(format!(
@@ -274,16 +314,24 @@ pub fn train(
         scaler.backward(&loss);
         let lr = sched.lr(step);
         let (gn, stepped) = scaler.step(&mut opt, lr, p.grad_clip);
-        log.write(&serde_json::json!({"step": step, "lr": lr, "loss": lv, "grad_norm": gn, "stepped": stepped}))
-            .map_err(|e| StageError::io(&log_path, e))?;
+        let mut r = serde_json::json!({"step": step, "lr": lr, "loss": lv, "grad_norm": gn, "stepped": stepped});
+        r.as_object_mut().expect("object").extend(rec);
+        log.write(&r).map_err(|e| StageError::io(&log_path, e))?;
         bar.inc(1);
         let done = step + 1;
         if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.steps {
             let w = |path: &Path| opt.save(path).map_err(|e| e.to_string());
+            let write_proto = |path: &Path| match &augmenter {
+                Some(a) => a.save(path),
+                None => Ok(()),
+            };
             cps.save(
                 done,
                 &[(WEIGHTS, &vs)],
-                &[("optimizer.safetensors", &w)],
+                &[
+                    ("optimizer.safetensors", &w),
+                    (PROTOTYPE_FILE, &write_proto),
+                ],
                 serde_json::json!({ "scaler": scaler }),
             )
             .map_err(fail)?;

@@ -9,6 +9,8 @@
 //! | `classify_train`, `classify_eval` | [`classify`] |
 //! | `diffusion_train`, `sample` | [`diffusion`] |
 //! | `synthesis_metrics` | [`synthesis`] |
+//!
+//! [`style_augment`] is the style augmentation shared by `segment_train` and `classify_train`.
 
 pub mod classify;
 pub mod common;
@@ -16,6 +18,7 @@ pub mod diffusion;
 pub mod factors;
 pub mod pretrain;
 pub mod segment;
+pub mod style_augment;
 pub mod synthesis;
 pub mod vae;
 

@@ -35,11 +35,13 @@ use meduet_stages::segmentation::metrics::{per_class, ClassMetrics};
 use meduet_stages::segmentation::planner::{median_shape, plan_unet, UnetPlan};
 use meduet_stages::segmentation::sampler::{SegSampler, SegSource};
 use meduet_stages::segmentation::splits::{make_splits, SplitConfig, Splits};
+use meduet_stages::segmentation::style_augment::AugmentedTask;
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::common::{device, fail, read_json, write_json};
+use super::style_augment::{kl_consistency, StyleAugmenter, PROTOTYPE_FILE};
 use crate::inference::{sliding_window, SlidingWindow};
 use crate::models::meduet::Config as MeduetConfig;
 use crate::models::unet::{Unet, UnetConfig};
@@ -483,6 +485,15 @@ pub fn train(
             "unetr.init = \"meduet\" needs a 'meduet' input (a pretrain stage's model)",
         ));
     }
+    let style_aug = p
+        .style_augment
+        .resolve(&p.split.label_fraction, AugmentedTask::Segmentation)
+        .map_err(StageError::input)?;
+    if style_aug.is_some() && meduet_dir.is_none() {
+        return Err(StageError::input(
+            "style_augment needs a 'meduet' input (a pretrain stage's model)",
+        ));
+    }
     if unetr && p.unetr.output == UnetrOutput::VaeDecoder && vae_dir.is_none() {
         return Err(StageError::input(
             "unetr.output = \"vae_decoder\" needs a 'vae' input (the VAE of the latents)",
@@ -697,6 +708,14 @@ pub fn train(
             tracing::info!("VAE decoder head: {n} tensors copied from the VAE (its last convolution starts fresh for {k} classes)");
         }
     }
+    let mut augmenter = match (style_aug, &meduet_dir, &latents) {
+        (Some(s), Some(d), Some(_)) => {
+            let in_ch = train_cases[0].latent.as_ref().expect("latent").1[0] as i64;
+            tracing::info!("style augmentation: p {}, alpha {:?}, weight {}, KL weight {}, prototype of {} {:?} volumes every {} steps (EMA {})", s.probability, s.alpha, s.weight, s.kl_weight, s.prototype_volumes, s.target, s.prototype_every, s.prototype_ema);
+            Some(StyleAugmenter::load(d, s, p.unetr.crop, in_ch, dev)?)
+        }
+        _ => None,
+    };
     let n_params: i64 = vs
         .trainable_variables()
         .iter()
@@ -755,6 +774,9 @@ pub fn train(
         opt.load(&dir.join("optimizer.safetensors")).map_err(fail)?;
         let st = Checkpoints::state(&dir).map_err(fail)?;
         scaler = serde_json::from_value(st["scaler"].clone()).map_err(fail)?;
+        if let Some(a) = augmenter.as_mut() {
+            a.load_state(&dir)?;
+        }
         start = step;
         tracing::info!("resuming from the checkpoint at step {step}");
     }
@@ -793,6 +815,28 @@ pub fn train(
             }
             total = total + l.total * ds_weights[i];
         }
+        let mut aug_rec = serde_json::Map::new();
+        if let (Some(a), Some(lat)) = (augmenter.as_mut(), &latents) {
+            a.refresh(step, &splits, p.seed, lat)?;
+            if let Some(alpha) = a.settings.draw(p.seed, step) {
+                let xa = a.augment(&x, alpha)?;
+                let outs_a = tch::autocast(scaler.enabled, || net.outputs(&xa)).map_err(fail)?;
+                let mut aug_total = Tensor::zeros([], (Kind::Float, dev));
+                for (i, out) in outs_a.iter().enumerate() {
+                    let os = out.size();
+                    let yi = downsample_labels(&y, [os[2], os[3], os[4]]);
+                    aug_total = aug_total + dice_ce(out, &yi).total * ds_weights[i];
+                }
+                aug_rec.insert("style_alpha".into(), alpha.into());
+                aug_rec.insert("aug_loss".into(), aug_total.double_value(&[]).into());
+                total = total + aug_total * a.settings.weight;
+                if a.settings.kl_weight > 0.0 {
+                    let kl = kl_consistency(&outs[0], &outs_a[0]);
+                    aug_rec.insert("kl".into(), kl.double_value(&[]).into());
+                    total = total + kl * a.settings.kl_weight;
+                }
+            }
+        }
         let loss = total.double_value(&[]);
         if !loss.is_finite() {
             return Err(fail(format!(
@@ -803,7 +847,8 @@ pub fn train(
         scaler.backward(&total);
         let lr = lr_at(&o, p.warmup_steps, p.steps, step);
         let (grad_norm, stepped) = opt.scaled_step(&mut scaler, lr, p.grad_clip);
-        let rec = serde_json::json!({"step": step, "lr": lr, "loss": loss, "dice_loss": dice_v, "ce": ce_v, "grad_norm": grad_norm, "stepped": stepped});
+        let mut rec = serde_json::json!({"step": step, "lr": lr, "loss": loss, "dice_loss": dice_v, "ce": ce_v, "grad_norm": grad_norm, "stepped": stepped});
+        rec.as_object_mut().expect("object").extend(aug_rec);
         log.write(&rec).map_err(|e| StageError::io(&log_path, e))?;
         bar.inc(1);
         let done = step + 1;
@@ -832,10 +877,17 @@ pub fn train(
         }
         if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.steps {
             let write_opt = |path: &Path| opt.save(path);
+            let write_proto = |path: &Path| match &augmenter {
+                Some(a) => a.save(path),
+                None => Ok(()),
+            };
             cps.save(
                 done,
                 &[(WEIGHTS, &vs)],
-                &[("optimizer.safetensors", &write_opt)],
+                &[
+                    ("optimizer.safetensors", &write_opt),
+                    (PROTOTYPE_FILE, &write_proto),
+                ],
                 serde_json::json!({ "scaler": scaler }),
             )
             .map_err(fail)?;
@@ -911,7 +963,8 @@ pub fn load_segmenter(
 }
 
 /// The model's name in tables: `unet`, `unetr_scratch`, `unetr_meduet` (+ `+interp` for
-/// the interpolated position table, `+vae_dec` for the VAE-decoder head).
+/// the interpolated position table, `+vae_dec` for the VAE-decoder head, `+style` with
+/// style augmentation).
 pub fn model_name(cfg: &SegmenterConfig) -> String {
     match cfg.network {
         Network::Unet => "unet".into(),
@@ -926,6 +979,9 @@ pub fn model_name(cfg: &SegmenterConfig) -> String {
             }
             if u.output == UnetrOutput::VaeDecoder {
                 s.push_str("+vae_dec");
+            }
+            if cfg.training.style_augment.enabled {
+                s.push_str("+style");
             }
             s
         }
