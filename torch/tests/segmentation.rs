@@ -494,7 +494,7 @@ val_every = 100
 checkpoint_every = 50
 [stages.eval_unet]
 kind = "segment_eval"
-inputs = { model = "seg_unet.model", volumes = "resample.volumes" }
+inputs = { model = "seg_unet.model", volumes = "resample.volumes", originals = "ingest.subjects" }
 sw_batch = 8
 [stages.seg_unetr]
 kind = "segment_train"
@@ -643,6 +643,44 @@ fn tiny_segmentation_pipeline() {
         }
     }
     assert!(pred.data.iter().all(|&v| v == 0 || v == 1));
+
+    // The same prediction on the original scan's grid (48 x 48 x 40 phantoms; resampling
+    // padded them to 64^3), scored against the original label: close to the resampled-grid
+    // Dice (the grids share their spacing, so only the padding is undone).
+    let o = &first["original_grid"];
+    assert_eq!(o["shape"], serde_json::json!([48, 48, 40]), "{o}");
+    let (orig_pred, _) =
+        read_nifti_labels(&report.join(o["prediction_file"].as_str().unwrap())).unwrap();
+    assert_eq!(orig_pred.shape, [48, 48, 40]);
+    // Voxel by voxel: each original voxel holds the prediction at the same world position
+    // (integer offsets: both grids are 3 mm), background where that lies outside.
+    let inv = meduet_stages::data::volume::invert_affine(&pred.affine).unwrap();
+    let mut inside = 0;
+    for i in 0..48 {
+        for j in 0..48 {
+            for k in 0..40 {
+                let w = meduet_stages::data::volume::apply_affine(
+                    &orig_pred.affine,
+                    [i as f64, j as f64, k as f64],
+                );
+                let r = meduet_stages::data::volume::apply_affine(&inv, w);
+                assert!(r.iter().all(|x| (x - x.round()).abs() < 1e-3), "{r:?}");
+                let r = r.map(|x| x.round() as i64);
+                let expect = if (0..3).all(|a| r[a] >= 0 && r[a] < pred.shape[a] as i64) {
+                    inside += 1;
+                    pred.get(r[0] as usize, r[1] as usize, r[2] as usize)
+                } else {
+                    0
+                };
+                assert_eq!(orig_pred.get(i, j, k), expect, "voxel {i},{j},{k}");
+            }
+        }
+    }
+    assert!(inside > 48 * 48 * 30, "the grids overlap ({inside} voxels)");
+    let dice_orig = s["original_grid"]["in_domain"]["foreground_mean"]["Dice"]
+        .as_f64()
+        .unwrap();
+    assert!((dice_orig - dice).abs() < 0.02, "original grid {dice_orig} vs resampled {dice}");
 
     // UNETR with MeDUET init: transfer recorded, evaluation written.
     let um = out_dir(&store, &summary, "seg_unetr", "model");

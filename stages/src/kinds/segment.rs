@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::kinds::pretrain::{MeduetPreset, MEDUET};
 use crate::kinds::resample::VOLUMES;
+use crate::kinds::subject::SUBJECTS;
 use crate::kinds::vae::{Amp, LATENTS, TORCH, VAE};
 use crate::segmentation::planner::PlannerConfig;
 use crate::segmentation::sampler::SegAugment;
@@ -459,13 +460,19 @@ impl Stage for SegmentEval {
             input("model", SEGMENTER, Arity::One, "a trained segmenter"),
             input("volumes", VOLUMES, Arity::One, "volumes with labels"),
             input("latents", LATENTS, Arity::Optional, "latents (unetr)"),
+            input(
+                "originals",
+                SUBJECTS,
+                Arity::Optional,
+                "the ingested subjects: predictions mapped back to each original scan's grid, scored against its original label",
+            ),
         ]
     }
     fn outputs(&self) -> Vec<OutputSpec> {
         vec![OutputSpec {
             name: "report",
             ty: SEGMENTATION_REPORT,
-            doc: "summary.json, per_case.csv, predictions/*.nii.gz",
+            doc: "summary.json, per_case.csv, predictions/*.nii.gz (and predictions_original/*.nii.gz with `originals`)",
         }]
     }
     fn default_resources(&self) -> Resources {

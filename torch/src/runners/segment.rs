@@ -22,7 +22,9 @@ use std::time::Instant;
 
 use meduet_engine::{Item, StageContext, StageError};
 use meduet_stages::data::array_store::read_array_f32;
-use meduet_stages::data::nifti_io::write_nifti_labels;
+use meduet_stages::data::nifti_io::{read_nifti_labels, write_nifti_labels};
+use meduet_stages::data::resample::map_onto_grid;
+use meduet_stages::kinds::subject::SubjectRecord;
 use meduet_stages::data::volume::{LabelVolume, Volume};
 use meduet_stages::data::zarr_store::read_zarr;
 use meduet_stages::kinds::resample::{IMAGE_ZARR, LABEL_ZARR};
@@ -1018,6 +1020,39 @@ fn summary_means(cases: &[(String, Vec<ClassMetrics>)], labels: &[u8]) -> serde_
     })
 }
 
+/// Maps a prediction (label values on the resampled grid) onto the subject's original scan
+/// grid (nearest neighbour through world coordinates; background outside the resampled
+/// field of view) and, when the subject has an original label, scores it there.
+fn score_on_original_grid(
+    ctx: &StageContext,
+    original: &Item,
+    prediction: &LabelVolume,
+    lut: &[u8; 256],
+    k: u8,
+) -> Result<(Option<Vec<ClassMetrics>>, LabelVolume), StageError> {
+    let rec = SubjectRecord::read(&original.dir)?;
+    let h = &rec.image.header;
+    let mapped = map_onto_grid(prediction, h.shape, &h.affine).map_err(|e| {
+        StageError::input(format!("subject '{}': {e}", rec.id))
+    })?;
+    let Some(lf) = &rec.label else {
+        return Ok((None, mapped));
+    };
+    let (label, _) = read_nifti_labels(&ctx.locate(&lf.digest)?).map_err(StageError::input)?;
+    if label.shape != mapped.shape {
+        return Err(StageError::input(format!(
+            "subject '{}': original label shape {:?} differs from its image {:?}",
+            rec.id, label.shape, mapped.shape
+        )));
+    }
+    let pred: Vec<u8> = mapped.data.iter().map(|&v| lut[v as usize]).collect();
+    let refc: Vec<u8> = label.data.iter().map(|&v| lut[v as usize]).collect();
+    Ok((
+        Some(per_class(&pred, &refc, mapped.shape, mapped.spacing(), k)),
+        mapped,
+    ))
+}
+
 pub fn eval(
     _: &SegmentEval,
     p: &SegmentEvalParams,
@@ -1052,11 +1087,17 @@ pub fn eval(
     if p.include_train {
         sets.push(("train", &splits.train));
     }
+    let originals = ctx.inputs("originals").first().map(|o| by_id(&o.items));
     let out = ctx.output_dir("report")?;
     let pred_dir = out.join("predictions");
+    let orig_dir = out.join("predictions_original");
     if p.export_predictions {
         std::fs::create_dir_all(&pred_dir).map_err(|e| StageError::io(&pred_dir, e))?;
+        if originals.is_some() {
+            std::fs::create_dir_all(&orig_dir).map_err(|e| StageError::io(&orig_dir, e))?;
+        }
     }
+    let mut by_set_original: BTreeMap<&str, Vec<(String, Vec<ClassMetrics>)>> = BTreeMap::new();
     let n_cases: usize = sets.iter().map(|s| s.1.len()).sum();
     let bar = ctx.progress(n_cases as u64, "cases");
     let mut per_case = Vec::new();
@@ -1081,22 +1122,47 @@ pub fn eval(
                 k,
             );
             let mut file = serde_json::Value::Null;
+            let values: Vec<u8> = pred
+                .iter()
+                .map(|&c| {
+                    if c == 0 {
+                        0
+                    } else {
+                        cfg.labels[c as usize - 1]
+                    }
+                })
+                .collect();
+            let v = LabelVolume::from_parts(values, case.image.shape, case.image.affine)
+                .map_err(fail)?;
             if p.export_predictions {
-                let values: Vec<u8> = pred
-                    .iter()
-                    .map(|&c| {
-                        if c == 0 {
-                            0
-                        } else {
-                            cfg.labels[c as usize - 1]
-                        }
-                    })
-                    .collect();
-                let v = LabelVolume::from_parts(values, case.image.shape, case.image.affine)
-                    .map_err(fail)?;
                 let f = pred_dir.join(format!("{id}.nii.gz"));
                 write_nifti_labels(&f, &v).map_err(fail)?;
                 file = format!("predictions/{id}.nii.gz").into();
+            }
+            let mut original = serde_json::Value::Null;
+            if let Some(o) = &originals {
+                let it = o.get(id).ok_or_else(|| {
+                    StageError::input(format!(
+                        "subject '{id}' is not among the 'originals' (connect the subjects these volumes were resampled from)"
+                    ))
+                })?;
+                let (om, ofile) = score_on_original_grid(ctx, it, &v, &lut, k)?;
+                if p.export_predictions {
+                    let f = orig_dir.join(format!("{id}.nii.gz"));
+                    write_nifti_labels(&f, &ofile).map_err(fail)?;
+                }
+                let mut mo = serde_json::Map::new();
+                if let Some(m) = &om {
+                    for (c, cm) in m.iter().enumerate() {
+                        mo.insert(cfg.labels[c].to_string(), serde_json::json!({"Dice": cm.dice, "HD95": cm.hd95}));
+                    }
+                    by_set_original.entry(set).or_default().push((id.clone(), m.clone()));
+                }
+                original = serde_json::json!({
+                    "prediction_file": if p.export_predictions { serde_json::json!(format!("predictions_original/{id}.nii.gz")) } else { serde_json::Value::Null },
+                    "shape": ofile.shape,
+                    "metrics": if om.is_some() { serde_json::Value::Object(mo) } else { serde_json::Value::Null },
+                });
             }
             let mut metrics = serde_json::Map::new();
             for (c, cm) in m.iter().enumerate() {
@@ -1112,7 +1178,7 @@ pub fn eval(
                     cm.n_ref
                 ));
             }
-            per_case.push(serde_json::json!({"subject": id, "domain": case.domain, "set": set, "prediction_file": file, "metrics": metrics}));
+            per_case.push(serde_json::json!({"subject": id, "domain": case.domain, "set": set, "prediction_file": file, "metrics": metrics, "original_grid": original}));
             by_set.entry(set).or_default().push((id.clone(), m));
             bar.inc(1);
         }
@@ -1129,6 +1195,15 @@ pub fn eval(
         by_set.get("heldout").map(Vec::as_slice).unwrap_or(&[]),
         &cfg.labels,
     );
+    let original_grid = originals.as_ref().map(|_| {
+        let part = |s: &str| {
+            summary_means(
+                by_set_original.get(s).map(Vec::as_slice).unwrap_or(&[]),
+                &cfg.labels,
+            )
+        };
+        serde_json::json!({"in_domain": part("test"), "unseen_domain": part("heldout")})
+    });
     let summary = serde_json::json!({
         "model": model_name(&cfg),
         "network": cfg.network,
@@ -1141,6 +1216,7 @@ pub fn eval(
         "foreground_mean": overall["foreground_mean"],
         "in_domain": in_domain,
         "unseen_domain": unseen,
+        "original_grid": original_grid,
         "inference": {"overlap": p.overlap, "sw_batch": p.sw_batch, "windows": windows, "seconds": secs, "voxels_per_second": voxels as f64 / secs.max(1e-9)},
     });
     write_json(&out.join("summary.json"), &summary)?;
