@@ -13,7 +13,8 @@
 //! Evaluation: sliding-window inference on whole volumes (Gaussian blending, batched
 //! windows), argmax, per-class Dice and HD95 against the reference, for the in-domain
 //! test subjects and the subjects of unseen domains, written as nnU-Net's `summary.json`
-//! plus NIfTI predictions on the input volume's grid and affine.
+//! plus NIfTI predictions on the input volume's grid and affine; with the `originals`
+//! input, also mapped back to each original scan's grid and scored against its label.
 
 use std::collections::BTreeMap;
 use std::path::Path;
