@@ -680,7 +680,10 @@ fn tiny_segmentation_pipeline() {
     let dice_orig = s["original_grid"]["in_domain"]["foreground_mean"]["Dice"]
         .as_f64()
         .unwrap();
-    assert!((dice_orig - dice).abs() < 0.02, "original grid {dice_orig} vs resampled {dice}");
+    assert!(
+        (dice_orig - dice).abs() < 0.02,
+        "original grid {dice_orig} vs resampled {dice}"
+    );
 
     // UNETR with MeDUET init: transfer recorded, evaluation written.
     let um = out_dir(&store, &summary, "seg_unetr", "model");

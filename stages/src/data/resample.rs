@@ -385,8 +385,13 @@ mod tests {
         assert_eq!(back.affine, affine);
         for label in [1u8, 2] {
             let (a, b) = (&orig.data, &back.data);
-            let inter = a.iter().zip(b).filter(|(x, y)| **x == label && **y == label).count();
-            let n = a.iter().filter(|x| **x == label).count() + b.iter().filter(|x| **x == label).count();
+            let inter = a
+                .iter()
+                .zip(b)
+                .filter(|(x, y)| **x == label && **y == label)
+                .count();
+            let n = a.iter().filter(|x| **x == label).count()
+                + b.iter().filter(|x| **x == label).count();
             let dice = 2.0 * inter as f64 / n as f64;
             // Two nearest-neighbour steps through a 1.5 mm grid lose at most a voxel layer.
             assert!(dice > 0.85, "label {label}: Dice {dice}");

@@ -199,7 +199,7 @@ impl StyleAugment {
     /// Whether the prototype is (re)computed before `step` (every `prototype_every` steps,
     /// starting at 0).
     pub fn refresh_at(&self, step: u64) -> bool {
-        step % self.prototype_every == 0
+        step.is_multiple_of(self.prototype_every)
     }
 
     /// The `prototype_volumes` target subjects of update number `update` (seeded; all of

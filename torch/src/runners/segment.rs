@@ -25,11 +25,11 @@ use meduet_engine::{Item, StageContext, StageError};
 use meduet_stages::data::array_store::read_array_f32;
 use meduet_stages::data::nifti_io::{read_nifti_labels, write_nifti_labels};
 use meduet_stages::data::resample::map_onto_grid;
-use meduet_stages::kinds::subject::SubjectRecord;
 use meduet_stages::data::volume::{LabelVolume, Volume};
 use meduet_stages::data::zarr_store::read_zarr;
 use meduet_stages::kinds::resample::{IMAGE_ZARR, LABEL_ZARR};
 use meduet_stages::kinds::segment::*;
+use meduet_stages::kinds::subject::SubjectRecord;
 use meduet_stages::kinds::vae::{Amp, LATENT_ZARR, VAE_CONFIG, VAE_WEIGHTS};
 use meduet_stages::plot::{line_plot, Series};
 use meduet_stages::sampling::CropSource;
@@ -1033,9 +1033,8 @@ fn score_on_original_grid(
 ) -> Result<(Option<Vec<ClassMetrics>>, LabelVolume), StageError> {
     let rec = SubjectRecord::read(&original.dir)?;
     let h = &rec.image.header;
-    let mapped = map_onto_grid(prediction, h.shape, &h.affine).map_err(|e| {
-        StageError::input(format!("subject '{}': {e}", rec.id))
-    })?;
+    let mapped = map_onto_grid(prediction, h.shape, &h.affine)
+        .map_err(|e| StageError::input(format!("subject '{}': {e}", rec.id)))?;
     let Some(lf) = &rec.label else {
         return Ok((None, mapped));
     };
@@ -1155,9 +1154,15 @@ pub fn eval(
                 let mut mo = serde_json::Map::new();
                 if let Some(m) = &om {
                     for (c, cm) in m.iter().enumerate() {
-                        mo.insert(cfg.labels[c].to_string(), serde_json::json!({"Dice": cm.dice, "HD95": cm.hd95}));
+                        mo.insert(
+                            cfg.labels[c].to_string(),
+                            serde_json::json!({"Dice": cm.dice, "HD95": cm.hd95}),
+                        );
                     }
-                    by_set_original.entry(set).or_default().push((id.clone(), m.clone()));
+                    by_set_original
+                        .entry(set)
+                        .or_default()
+                        .push((id.clone(), m.clone()));
                 }
                 original = serde_json::json!({
                     "prediction_file": if p.export_predictions { serde_json::json!(format!("predictions_original/{id}.nii.gz")) } else { serde_json::Value::Null },
