@@ -122,15 +122,6 @@ pub fn train(
             "unetr.init = \"meduet\" needs a 'meduet' input",
         ));
     }
-    let style_aug = p
-        .style_augment
-        .resolve(&p.split.label_fraction, AugmentedTask::Classification)
-        .map_err(StageError::input)?;
-    if style_aug.is_some() && meduet_dir.is_none() {
-        return Err(StageError::input(
-            "style_augment needs a 'meduet' input (a pretrain stage's model)",
-        ));
-    }
     let subjects: Vec<(String, String)> =
         items.iter().map(|i| (i.id.clone(), domain_of(i))).collect();
     let splits = make_splits(
@@ -207,13 +198,15 @@ pub fn train(
         );
     }
     let latent_items = by_id(&items);
-    let mut augmenter = match (style_aug, &meduet_dir) {
-        (Some(s), Some(d)) => {
-            tracing::info!("style augmentation: p {}, alpha {:?}, weight {}, KL weight {}, prototype of {} {:?} volumes every {} steps (EMA {})", s.probability, s.alpha, s.weight, s.kl_weight, s.prototype_volumes, s.target, s.prototype_every, s.prototype_ema);
-            Some(StyleAugmenter::load(d, s, p.unetr.crop, in_ch, dev)?)
-        }
-        _ => None,
-    };
+    let mut augmenter = StyleAugmenter::for_training(
+        &p.style_augment,
+        &p.split.label_fraction,
+        AugmentedTask::Classification,
+        meduet_dir.as_deref(),
+        p.unetr.crop,
+        in_ch,
+        dev,
+    )?;
     let labels: BTreeMap<String, usize> = train.iter().map(|s| (s.id.clone(), s.class)).collect();
     let crop = p.unetr.crop;
     let sampler = CropSampler::new(

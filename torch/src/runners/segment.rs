@@ -488,15 +488,6 @@ pub fn train(
             "unetr.init = \"meduet\" needs a 'meduet' input (a pretrain stage's model)",
         ));
     }
-    let style_aug = p
-        .style_augment
-        .resolve(&p.split.label_fraction, AugmentedTask::Segmentation)
-        .map_err(StageError::input)?;
-    if style_aug.is_some() && meduet_dir.is_none() {
-        return Err(StageError::input(
-            "style_augment needs a 'meduet' input (a pretrain stage's model)",
-        ));
-    }
     if unetr && p.unetr.output == UnetrOutput::VaeDecoder && vae_dir.is_none() {
         return Err(StageError::input(
             "unetr.output = \"vae_decoder\" needs a 'vae' input (the VAE of the latents)",
@@ -711,14 +702,15 @@ pub fn train(
             tracing::info!("VAE decoder head: {n} tensors copied from the VAE (its last convolution starts fresh for {k} classes)");
         }
     }
-    let mut augmenter = match (style_aug, &meduet_dir, &latents) {
-        (Some(s), Some(d), Some(_)) => {
-            let in_ch = train_cases[0].latent.as_ref().expect("latent").1[0] as i64;
-            tracing::info!("style augmentation: p {}, alpha {:?}, weight {}, KL weight {}, prototype of {} {:?} volumes every {} steps (EMA {})", s.probability, s.alpha, s.weight, s.kl_weight, s.prototype_volumes, s.target, s.prototype_every, s.prototype_ema);
-            Some(StyleAugmenter::load(d, s, p.unetr.crop, in_ch, dev)?)
-        }
-        _ => None,
-    };
+    let mut augmenter = StyleAugmenter::for_training(
+        &p.style_augment,
+        &p.split.label_fraction,
+        AugmentedTask::Segmentation,
+        meduet_dir.as_deref(),
+        p.unetr.crop,
+        train_cases[0].latent.as_ref().map_or(0, |l| l.1[0] as i64),
+        dev,
+    )?;
     let n_params: i64 = vs
         .trainable_variables()
         .iter()

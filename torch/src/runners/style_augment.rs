@@ -20,7 +20,7 @@ use meduet_stages::data::array_store::read_array_f32;
 use meduet_stages::kinds::pretrain::Weights;
 use meduet_stages::kinds::vae::LATENT_ZARR;
 use meduet_stages::segmentation::splits::Splits;
-use meduet_stages::segmentation::style_augment::StyleAugment;
+use meduet_stages::segmentation::style_augment::{AugmentedTask, StyleAugment, StyleAugmentParams};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -67,6 +67,35 @@ impl StyleAugmenter {
             settings,
             prototype: None,
         })
+    }
+
+    /// The augmenter a trainer's `style_augment` settings ask for: `None` when off; an
+    /// error naming the missing `meduet` input when on without one. Logs the resolved
+    /// settings.
+    pub fn for_training(
+        params: &StyleAugmentParams,
+        label_fraction: &str,
+        task: AugmentedTask,
+        meduet_dir: Option<&Path>,
+        crop: usize,
+        in_chans: i64,
+        dev: Device,
+    ) -> Result<Option<Self>, StageError> {
+        let Some(s) = params
+            .resolve(label_fraction, task)
+            .map_err(StageError::input)?
+        else {
+            return Ok(None);
+        };
+        let dir = meduet_dir.ok_or_else(|| {
+            StageError::input("style_augment needs a 'meduet' input (a pretrain stage's model)")
+        })?;
+        tracing::info!(
+            "style augmentation: p {}, alpha {:?}, weight {}, KL weight {}, prototype of {} {:?} volumes every {} steps (EMA {})",
+            s.probability, s.alpha, s.weight, s.kl_weight, s.prototype_volumes, s.target,
+            s.prototype_every, s.prototype_ema
+        );
+        Self::load(dir, s, crop, in_chans, dev).map(Some)
     }
 
     /// The current prototype `[L, d_s]`.
