@@ -384,6 +384,33 @@ fn style_augmenter_mixes_toward_the_prototype() {
         .unwrap();
     assert!(err.to_string().contains("unetr.crop"), "{err}");
     assert!(aug.augment(&z, 0.3).is_err(), "no prototype yet");
+    // From a trainer's settings: off is None; on without a MeDUET names the missing input.
+    let on = StyleAugmentParams {
+        enabled: true,
+        ..Default::default()
+    };
+    let seg = AugmentedTask::Segmentation;
+    let e = StyleAugmenter::for_training(&on, "100%", seg, None, crop, m.in_chans, Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("'meduet' input"), "{e}");
+    let off = StyleAugmentParams::default();
+    assert!(
+        StyleAugmenter::for_training(&off, "100%", seg, None, crop, m.in_chans, Device::Cpu)
+            .unwrap()
+            .is_none()
+    );
+    assert!(StyleAugmenter::for_training(
+        &on,
+        "1-shot",
+        seg,
+        Some(dir.path()),
+        crop,
+        m.in_chans,
+        Device::Cpu
+    )
+    .unwrap()
+    .is_some_and(|a| a.settings.probability == 0.9));
 
     // A reference model to compare with.
     let rvs = {
