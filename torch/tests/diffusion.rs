@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use meduet_stages::kinds::diffusion::snapshot_file;
 use meduet_stages::testing::run_python;
 use meduet_torch::diffusion::gaussian::{DdpmVariance, GaussianDiffusion};
 use meduet_torch::diffusion::transport::{self, OdeMethod};
@@ -14,7 +15,7 @@ use meduet_torch::diffusion::{dual_cfg, guided_output, GuidanceNaming, GuidanceP
 use meduet_torch::models::dit::{dropout_mask, AdaLn, Cond, ConditionMode, Config, Dit};
 use meduet_torch::models::meduet::{Config as MeduetConfig, MeDuet};
 use meduet_torch::models::pos_embed::interpolate_3d;
-use meduet_torch::models::resnet3d::{FeatureNetwork, MedicalNet};
+use meduet_torch::models::resnet3d::{FeatureNetwork, ResNet3d};
 use meduet_torch::runners::synthesis::ms_ssim_3d;
 use rand::SeedableRng;
 use tch::{nn, Device, Kind, Tensor};
@@ -593,6 +594,7 @@ batch_size = 2
 lr = 1e-3
 warmup_steps = 2
 checkpoint_every = 10
+snapshot_steps = [12, 24]
 [stages.sit]
 extends = "dit"
 method = "sit"
@@ -617,6 +619,22 @@ inputs = { generated = "sample.volumes", real = "resample.volumes" }
 network = "medicalnet_resnet10"
 weights = "resnet10.safetensors"
 ms_ssim_scales = 3
+[stages.sample_early]
+kind = "sample"
+inputs = { model = "dit.model", vae = "vae.vae" }
+num_samples = 2
+steps = 8
+snapshot = 12
+[stages.metrics_early]
+extends = "metrics"
+inputs = { generated = "sample_early.volumes", real = "resample.volumes" }
+real_crops_per_volume = 2
+[stages.metrics_sit]
+extends = "metrics"
+inputs = { generated = "sample_sit.volumes", real = "resample.volumes" }
+[stages.curve]
+kind = "synthesis_curve"
+inputs = { reports = ["metrics.report", "metrics_early.report", "metrics_sit.report"] }
 "#;
 
 fn run_pipeline(dir: &Path, toml: &str) -> meduet_engine::RunSummary {
@@ -654,7 +672,7 @@ fn tiny_train_sample_pipeline() {
         let _g = global_rng();
         tch::manual_seed(40);
         let vs = nn::VarStore::new(Device::Cpu);
-        MedicalNet::new(&vs.root(), FeatureNetwork::MedicalnetResnet10);
+        ResNet3d::new(&vs.root(), FeatureNetwork::MedicalnetResnet10);
         vs.save(d.path().join("resnet10.safetensors")).unwrap();
     }
     let t0 = std::time::Instant::now();
@@ -669,7 +687,7 @@ fn tiny_train_sample_pipeline() {
     );
     let mut computed = s.computed();
     computed.sort();
-    assert_eq!(computed.len(), 12, "{computed:?}");
+    assert_eq!(computed.len(), 16, "{computed:?}");
 
     let model = output_of(d.path(), "dit", "model");
     let cfg: serde_json::Value =
@@ -692,6 +710,19 @@ fn tiny_train_sample_pipeline() {
     // The weights load into the PyTorch reference's key set (checked above) and into tch.
     let st = Tensor::read_safetensors(model.join("ema.safetensors")).unwrap();
     assert!(st.iter().any(|(k, _)| k == "content_embedder.tau"));
+    // EMA snapshots: the last one is the final EMA, the earlier one differs from it.
+    let snap = |k: u64| -> std::collections::BTreeMap<String, Tensor> {
+        Tensor::read_safetensors(model.join(snapshot_file(k)))
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let (s12, s24) = (snap(12), snap(24));
+    assert_eq!(s24.len(), st.len());
+    for (k, t) in &st {
+        assert!(t.equal(&s24[k]), "{k}: the step-24 snapshot is the final EMA");
+    }
+    assert!(st.iter().any(|(k, t)| !t.equal(&s12[k])));
 
     let samples = output_of(d.path(), "sample", "samples");
     let j: serde_json::Value =
@@ -729,6 +760,47 @@ fn tiny_train_sample_pipeline() {
     assert_eq!(m["feature_network"]["network"], "medicalnet_resnet10");
     assert_eq!(m["feature_network"]["feature_dim"], 512);
     assert_eq!(m["preprocessing"]["normalization"], "zscore");
+    assert_eq!(
+        m["generated_from"],
+        serde_json::json!({"method": "dit", "init": "meduet", "training_step": 24})
+    );
+
+    // Samples from the step-12 snapshot, and the metric against training steps.
+    let early = output_of(d.path(), "sample_early", "samples");
+    let j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(early.join("samples.json")).unwrap()).unwrap();
+    assert_eq!((j["snapshot"].as_u64(), j["training_step"].as_u64()), (Some(12), Some(12)));
+    let m_early: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(output_of(d.path(), "metrics_early", "report").join("metrics.json")).unwrap(),
+    )
+    .unwrap();
+    // 8 real volumes, 2 random 64^3 crops of each.
+    assert_eq!((m_early["real"].as_u64(), m_early["generated"].as_u64()), (Some(16), Some(2)));
+    assert_eq!(m_early["generated_from"]["training_step"], 12);
+    let curve = output_of(d.path(), "curve", "curve");
+    let csv = std::fs::read_to_string(curve.join("curve.csv")).unwrap();
+    println!("{csv}");
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().any(|r| r.starts_with("dit meduet,12,")));
+    assert!(rows.iter().any(|r| r.starts_with("dit meduet,24,")));
+    assert!(rows.iter().any(|r| r.starts_with("sit scratch,24,")));
+    // The FID in the curve is the report's.
+    let fid24: f64 = rows
+        .iter()
+        .find(|r| r.starts_with("dit meduet,24,"))
+        .unwrap()
+        .split(',')
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((fid24 - fid).abs() <= 1e-6 * fid.max(1.0), "{fid24} vs {fid}");
+    let cmp: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(curve.join("steps_to_equal.json")).unwrap()).unwrap();
+    assert_eq!(cmp[0]["series"], "dit meduet");
+    assert_eq!(cmp[0]["reference_steps"], 24.0);
+    assert!(curve.join("curve.png").is_file() && curve.join("curve.md").is_file());
 }
 
 #[test]

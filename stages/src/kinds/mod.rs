@@ -26,6 +26,7 @@
 //! | `diffusion_train` | DiT / SiT on latents, conditioned on MeDUET factors             |
 //! | `sample`          | dual-CFG sampling, VAE decoding, NIfTI + montage                |
 //! | `synthesis_metrics` | FID, MMD (3-D feature network), MS-SSIM diversity             |
+//! | `synthesis_curve` | Fig. 5: FID against training steps, steps-to-equal-FID ratio    |
 
 pub mod diffusion;
 pub mod ingest;
@@ -36,6 +37,7 @@ pub mod probe;
 pub mod resample;
 pub mod segment;
 pub mod subject;
+pub mod synthesis_curve;
 pub mod vae;
 
 /// Registers this crate's stage kinds.
@@ -53,6 +55,7 @@ pub fn register(r: &mut meduet_engine::Registry) {
         .register(diffusion::DiffusionTrain)
         .register(diffusion::Sample)
         .register(diffusion::SynthesisMetrics)
+        .register(synthesis_curve::SynthesisCurve)
         .register(segment::SegmentTrain)
         .register(segment::SegmentEval)
         .register(segment::ClassifyTrain)

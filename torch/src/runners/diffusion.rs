@@ -481,6 +481,17 @@ pub fn train(
         first_loss.get_or_insert(lv);
         bar.inc(1);
         let done = step + 1;
+        if p.snapshot_steps.contains(&done) {
+            // Written whole before it is renamed into place: a kill never leaves half a
+            // snapshot (a resumed run rewrites it identically from the earlier checkpoint).
+            let file = scratch.join(snapshot_file(done));
+            let part = file.with_extension("partial.safetensors");
+            std::fs::create_dir_all(file.parent().expect("snapshots/"))
+                .map_err(|e| StageError::io(&file, e))?;
+            ema_vs.save(&part).map_err(fail)?;
+            std::fs::rename(&part, &file).map_err(|e| StageError::io(&file, e))?;
+            tracing::info!("EMA snapshot at step {done}");
+        }
         if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.steps {
             let write_opt = |path: &Path| opt.save(path).map_err(|e| e.to_string());
             cps.save(
@@ -496,6 +507,11 @@ pub fn train(
     let out = ctx.output_dir("model")?;
     vs.save(out.join("model.safetensors")).map_err(fail)?;
     ema_vs.save(out.join("ema.safetensors")).map_err(fail)?;
+    for &k in &p.snapshot_steps {
+        let (from, to) = (scratch.join(snapshot_file(k)), out.join(snapshot_file(k)));
+        std::fs::create_dir_all(to.parent().expect("snapshots/")).map_err(|e| StageError::io(&to, e))?;
+        std::fs::copy(&from, &to).map_err(|e| StageError::io(&from, e))?;
+    }
     std::fs::copy(&log_path, out.join("losses.jsonl")).map_err(|e| StageError::io(&log_path, e))?;
     match &bank {
         Some(b) => b.save(&out)?,
@@ -556,8 +572,23 @@ pub struct LoadedDiffusion {
     pub image_spacing: [f64; 3],
 }
 
-/// Loads a `diffusion` artifact (`ema.safetensors` or `model.safetensors`).
-pub fn load_diffusion(dir: &Path, ema: bool, dev: Device) -> Result<LoadedDiffusion, StageError> {
+/// Which weights of a `diffusion` artifact to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsChoice {
+    /// `ema.safetensors`.
+    Ema,
+    /// `model.safetensors`.
+    Model,
+    /// The EMA snapshot after this many steps.
+    Snapshot(u64),
+}
+
+/// Loads a `diffusion` artifact.
+pub fn load_diffusion(
+    dir: &Path,
+    weights: WeightsChoice,
+    dev: Device,
+) -> Result<LoadedDiffusion, StageError> {
     let j: serde_json::Value = read_json(&dir.join("config.json"))?;
     let bad = |f: &str, e: serde_json::Error| {
         StageError::input(format!("'{}': {f}: {e}", dir.join("config.json").display()))
@@ -574,11 +605,20 @@ pub fn load_diffusion(dir: &Path, ema: bool, dev: Device) -> Result<LoadedDiffus
         serde_json::from_value::<[f64; 3]>(j["image_spacing"].clone()).unwrap_or([1.5; 3]);
     let mut vs = VarStore::new(dev);
     let model = Dit::new(&vs.root(), &cfg).map_err(fail)?;
-    let file = dir.join(if ema {
-        "ema.safetensors"
-    } else {
-        "model.safetensors"
-    });
+    let file = match weights {
+        WeightsChoice::Ema => dir.join("ema.safetensors"),
+        WeightsChoice::Model => dir.join("model.safetensors"),
+        WeightsChoice::Snapshot(k) => {
+            let file = dir.join(snapshot_file(k));
+            if !file.is_file() {
+                return Err(StageError::input(format!(
+                    "snapshot: the model has no snapshot after {k} steps (its snapshot_steps: {})",
+                    j["training"]["snapshot_steps"]
+                )));
+            }
+            file
+        }
+    };
     vs.load(&file)
         .map_err(|e| StageError::input(format!("cannot load '{}': {e}", file.display())))?;
     vs.freeze();
@@ -661,7 +701,20 @@ pub fn sample(_: &Sample, p: &SampleParams, ctx: &mut StageContext) -> Result<()
     let dev = device(ctx);
     let model_dir = ctx.input("model")?.dir.clone();
     let vae_dir = ctx.input("vae")?.dir.clone();
-    let ld = load_diffusion(&model_dir, p.weights == SampleWeights::Ema, dev)?;
+    let weights = match (p.snapshot, p.weights) {
+        (Some(k), _) => WeightsChoice::Snapshot(k),
+        (None, SampleWeights::Ema) => WeightsChoice::Ema,
+        (None, SampleWeights::Model) => WeightsChoice::Model,
+    };
+    let ld = load_diffusion(&model_dir, weights, dev)?;
+    // What made these samples, carried by every item (synthesis_metrics and
+    // synthesis_curve read it).
+    let trained: serde_json::Value = read_json(&model_dir.join("config.json"))?;
+    let training_step = p
+        .snapshot
+        .or_else(|| trained["training"]["steps"].as_u64())
+        .unwrap_or(0);
+    let trained_init = trained["training"]["init"].clone();
     let cfg = ld.model.config().clone();
     let bank = match ctx.inputs("factors").first() {
         Some(f) if cfg.condition == ConditionMode::Factors => ConditionBank::from_factors(&f.dir)?,
@@ -844,6 +897,9 @@ pub fn sample(_: &Sample, p: &SampleParams, ctx: &mut StageContext) -> Result<()
             if cfg.condition == ConditionMode::Factors {
                 attrs.insert("style_subject".into(), serde_json::json!(ss));
             }
+            attrs.insert("method".into(), serde_json::json!(ld.method));
+            attrs.insert("init".into(), trained_init.clone());
+            attrs.insert("training_step".into(), serde_json::json!(training_step));
             let item_dir = ctx.emit_item("volumes", &id, attrs.clone())?;
             let extra: Attrs = attrs.clone().into_iter().collect();
             write_zarr(&item_dir.join(IMAGE_ZARR), &vol, &extra).map_err(fail)?;
@@ -884,6 +940,7 @@ pub fn sample(_: &Sample, p: &SampleParams, ctx: &mut StageContext) -> Result<()
             "samples": records, "sampler": sampler, "method": ld.method, "steps": p.steps,
             "guidance": p.guidance, "condition": cfg.condition, "scale_factor": ld.scale_factor,
             "weights": p.weights, "seed": p.seed, "latent_size": cfg.input_size,
+            "init": trained_init, "training_step": training_step, "snapshot": p.snapshot,
         }),
     )?;
     ctx.set_metric("samples", n);

@@ -20,7 +20,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::common::{device, fail, write_json};
-use crate::models::resnet3d::MedicalNet;
+use crate::models::resnet3d::ResNet3d;
 
 /// MONAI's MS-SSIM scale weights.
 pub const MS_SSIM_WEIGHTS: [f64; 5] = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333];
@@ -71,33 +71,104 @@ pub fn ms_ssim_3d(x: &Tensor, y: &Tensor, data_range: f64, kernel: i64, scales: 
     acc
 }
 
+/// The volumes, and the HU window their intensities were mapped from when every one
+/// records the same (`resample`'s `intensity.window`).
 fn read_volumes(
     items: &[meduet_engine::Item],
-) -> Result<Vec<(String, Vec<f32>, [usize; 3])>, StageError> {
-    items
+) -> Result<(Vec<NamedVolume>, Option<[f64; 2]>), StageError> {
+    let mut windows = Vec::new();
+    let vols = items
         .iter()
         .map(|it| {
-            let (v, _) = read_zarr::<f32>(&it.dir.join(IMAGE_ZARR)).map_err(StageError::input)?;
+            let (v, attrs) =
+                read_zarr::<f32>(&it.dir.join(IMAGE_ZARR)).map_err(StageError::input)?;
+            windows.push(
+                attrs
+                    .get("intensity")
+                    .and_then(|i| i.get("window"))
+                    .and_then(|w| serde_json::from_value::<[f64; 2]>(w.clone()).ok()),
+            );
             Ok((it.id.clone(), v.data, v.shape))
         })
-        .collect()
+        .collect::<Result<Vec<_>, StageError>>()?;
+    let window = match windows.first() {
+        Some(Some(w)) if windows.iter().all(|v| v.as_ref() == Some(w)) => Some(*w),
+        _ => None,
+    };
+    Ok((vols, window))
 }
 
-fn prep(data: &[f32], shape: [usize; 3], p: &SynthesisMetricsParams, dev: Device) -> Tensor {
+/// Maps [0, 1] intensities made from the HU window `from` onto [0, 1] of the window `to`.
+fn rewindow(t: Tensor, from: [f64; 2], to: [f64; 2]) -> Tensor {
+    let hu = t * (from[1] - from[0]) + from[0];
+    ((hu - to[0]) / (to[1] - to[0])).clamp(0.0, 1.0)
+}
+
+fn prep(
+    data: &[f32],
+    shape: [usize; 3],
+    p: &SynthesisMetricsParams,
+    rewindow_from: Option<[f64; 2]>,
+    dev: Device,
+) -> Tensor {
     let s = shape.map(|v| v as i64);
     let mut t = Tensor::from_slice(data)
         .view([1, 1, s[0], s[1], s[2]])
         .to_device(dev)
         .clamp(0.0, 1.0);
+    if let (Some(from), Some(to)) = (rewindow_from, p.network.input_hu_window()) {
+        t = rewindow(t, from, to);
+    }
     if let Some(r) = p.resize {
         t = t.upsample_trilinear3d(r.map(|v| v as i64), false, None, None, None);
     }
-    if p.normalization == FeatureNorm::Zscore {
+    if p.normalization() == FeatureNorm::Zscore {
         let m = t.mean(Kind::Float);
         let sd = t.std(true);
         t = (t - m) / (sd + 1e-5);
     }
     t
+}
+
+type NamedVolume = (String, Vec<f32>, [usize; 3]);
+
+/// `per_volume` seeded random crops of every real volume, of the generated volumes' (common)
+/// shape.
+fn random_crops(
+    real: &[NamedVolume],
+    gen: &[NamedVolume],
+    per_volume: usize,
+    seed: u64,
+) -> Result<Vec<NamedVolume>, StageError> {
+    use rand::{Rng, SeedableRng};
+    let shape = gen[0].2;
+    if let Some(g) = gen.iter().find(|g| g.2 != shape) {
+        return Err(StageError::input(format!(
+            "real_crops_per_volume: the generated volumes differ in shape ('{}' {:?}, '{}' {:?})",
+            gen[0].0, shape, g.0, g.2
+        )));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(real.len() * per_volume);
+    for (id, data, s) in real {
+        if (0..3).any(|a| s[a] < shape[a]) {
+            return Err(StageError::input(format!(
+                "real_crops_per_volume: real volume '{id}' {s:?} is smaller than the generated {shape:?}"
+            )));
+        }
+        for k in 0..per_volume {
+            let o: Vec<usize> = (0..3).map(|a| rng.random_range(0..=s[a] - shape[a])).collect();
+            let mut crop = Vec::with_capacity(shape.iter().product());
+            for x in 0..shape[0] {
+                for y in 0..shape[1] {
+                    let row = ((o[0] + x) * s[1] + o[1] + y) * s[2] + o[2];
+                    crop.extend_from_slice(&data[row..row + shape[2]]);
+                }
+            }
+            out.push((format!("{id}#crop{k}"), crop, shape));
+        }
+    }
+    Ok(out)
 }
 
 pub fn run(
@@ -118,24 +189,49 @@ pub fn run(
     let src = ctx.source(&p.weights)?.clone();
     let wfile = src.root.clone();
     let mut vs = VarStore::new(dev);
-    let net = MedicalNet::new(&vs.root(), p.network);
+    let net = ResNet3d::new(&vs.root(), p.network);
     vs.load(&wfile).map_err(|e| {
         StageError::input(format!(
-            "weights '{}' do not fit {:?} (hint: convert MedicalNet .pth files with scripts/convert_medicalnet.py): {e}",
+            "weights '{}' do not fit {:?} (hint: make them with {}): {e}",
             wfile.display(),
-            p.network
+            p.network,
+            p.network.converter()
         ))
     })?;
     vs.freeze();
     let _ng = tch::no_grad_guard();
-    let gen = read_volumes(&gen_items)?;
-    let real = read_volumes(&real_items)?;
+    // What made the generated volumes (the `sample` stage's item attributes), when they
+    // agree across items: synthesis_curve plots the metric against it.
+    let from = |key: &str| -> serde_json::Value {
+        let vals: Vec<&serde_json::Value> = gen_items.iter().filter_map(|i| i.attrs.get(key)).collect();
+        match vals.first() {
+            Some(v) if vals.len() == gen_items.len() && vals.iter().all(|w| w == v) => (*v).clone(),
+            _ => serde_json::Value::Null,
+        }
+    };
+    let generated_from = serde_json::json!({
+        "method": from("method"), "init": from("init"), "training_step": from("training_step"),
+    });
+    let (gen, _) = read_volumes(&gen_items)?;
+    let (mut real, real_window) = read_volumes(&real_items)?;
+    let data_window = p.hu_window.or(real_window);
+    if p.network.input_hu_window().is_some() && data_window.is_none() {
+        return Err(StageError::input(format!(
+            "hu_window: {:?} expects intensities from the HU window {:?}, and the real volumes \
+             record no common `intensity.window`: give hu_window = [low, high]",
+            p.network,
+            p.network.input_hu_window().unwrap()
+        )));
+    }
+    if p.real_crops_per_volume > 0 {
+        real = random_crops(&real, &gen, p.real_crops_per_volume, p.seed)?;
+    }
     let bar = ctx.progress((gen.len() + real.len()) as u64, "volumes");
-    let feats = |set: &[(String, Vec<f32>, [usize; 3])]| -> Result<Matrix, StageError> {
+    let feats = |set: &[NamedVolume]| -> Result<Matrix, StageError> {
         let mut rows = Vec::new();
         for (_, d, s) in set {
             ctx.check_cancelled()?;
-            let f = net.features(&prep(d, *s, p, dev)).to_kind(Kind::Double);
+            let f = net.features(&prep(d, *s, p, data_window, dev)).to_kind(Kind::Double);
             rows.extend(Vec::<f64>::try_from(f.view([-1]).to_device(Device::Cpu)).map_err(fail)?);
             bar.inc(1);
         }
@@ -167,7 +263,7 @@ pub fn run(
                 a.0, a.2, b.0, b.2, p.ms_ssim_kernel, p.ms_ssim_scales
             )));
         }
-        let t = |v: &(String, Vec<f32>, [usize; 3])| {
+        let t = |v: &NamedVolume| {
             let s = v.2.map(|x| x as i64);
             Tensor::from_slice(&v.1)
                 .view([1, 1, s[0], s[1], s[2]])
@@ -186,13 +282,16 @@ pub fn run(
     let out = ctx.output_dir("report")?;
     let report = serde_json::json!({
         "fid": fid_v, "mmd": mmd, "mmd_bandwidth": h, "ms_ssim": ms_mean, "ms_ssim_pairs": ms.len(),
-        "generated": gen.len(), "real": real.len(),
+        "generated": gen.len(), "real": real.len(), "generated_from": generated_from,
         "feature_network": {
             "network": p.network, "weights_digest": src.digest.to_hex(),
             "feature_dim": net.feature_dim, "pooling": "global average of layer4",
         },
         "preprocessing": {
-            "clip": [0.0, 1.0], "resize": p.resize, "normalization": p.normalization,
+            "clip": [0.0, 1.0], "resize": p.resize, "normalization": p.normalization(),
+            "real_crops_per_volume": p.real_crops_per_volume, "seed": p.seed,
+            "data_hu_window": data_window,
+            "rewindowed_to": p.network.input_hu_window().filter(|_| data_window.is_some()),
         },
         "ms_ssim_settings": {"kernel": p.ms_ssim_kernel, "sigma": 1.5, "scales": p.ms_ssim_scales,
                               "data_range": 1.0, "weights": &MS_SSIM_WEIGHTS[..p.ms_ssim_scales]},
@@ -209,7 +308,7 @@ pub fn run(
             real.len(),
             gen.len(),
             p.resize,
-            p.normalization
+            p.normalization()
         ),
     )
     .map_err(|e| StageError::io(&out, e))?;
@@ -217,4 +316,25 @@ pub fn run(
     ctx.set_metric("mmd", mmd);
     ctx.set_metric("ms_ssim", ms_mean);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewindow_maps_between_hu_windows() {
+        // [0, 1] from [-175, 250] HU onto Merlin's [-1000, 1000]: -175 HU -> 0.4125,
+        // 250 HU -> 0.625, and back to the identity for equal windows.
+        let t = Tensor::from_slice(&[0.0f32, 0.5, 1.0]);
+        let got = Vec::<f32>::try_from(rewindow(t.shallow_clone(), [-175.0, 250.0], [-1000.0, 1000.0])).unwrap();
+        for (g, w) in got.iter().zip([0.4125f32, 0.51875, 0.625]) {
+            assert!((g - w).abs() < 1e-6, "{got:?}");
+        }
+        // A narrower target window clips.
+        let got = Vec::<f32>::try_from(rewindow(t.shallow_clone(), [-1000.0, 1000.0], [-100.0, 100.0])).unwrap();
+        assert_eq!(got, vec![0.0, 0.5, 1.0]);
+        let same = Vec::<f32>::try_from(rewindow(t, [-175.0, 250.0], [-175.0, 250.0])).unwrap();
+        assert_eq!(same, vec![0.0, 0.5, 1.0]);
+    }
 }
