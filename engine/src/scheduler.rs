@@ -338,12 +338,24 @@ pub fn run(
                 std::thread::Builder::new()
                     .name(format!("stage-{}", def.name))
                     .spawn(move || {
-                        let result = match p.kind.worker() {
-                            None => execute(&env2, &p, device, threads, forced),
-                            Some(w) => crate::worker::execute_in_worker(
-                                &env2, &pname, &p, &resources, device, threads, forced, w,
-                            ),
-                        };
+                        // A panicking stage is a failed stage: the scheduler must hear of it
+                        // (it waits for every started stage) and its scratch stays unpublished.
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            match p.kind.worker() {
+                                None => execute(&env2, &p, device, threads, forced),
+                                Some(w) => crate::worker::execute_in_worker(
+                                    &env2, &pname, &p, &resources, device, threads, forced, w,
+                                ),
+                            }
+                        }))
+                        .unwrap_or_else(|panic| {
+                            let msg = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "a non-string panic payload".into());
+                            Err(StageError::failed(format!("the stage panicked: {msg}")))
+                        });
                         let _ = tx2.send(Message::Finished {
                             stage: i,
                             device,

@@ -324,12 +324,15 @@ pub struct Fail;
 #[serde(deny_unknown_fields, default)]
 pub struct FailParams {
     pub message: String,
+    /// Panic instead of returning the error (a crashing stage).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub panic: bool,
 }
 impl Stage for Fail {
     type Params = FailParams;
     const KIND: &'static str = "fail";
     const VERSION: u32 = 1;
-    const ABOUT: &'static str = "fails with a message";
+    const ABOUT: &'static str = "fails with a message (or panics, `panic = true`)";
     fn inputs(&self) -> Vec<InputSpec> {
         vec![InputSpec {
             name: "after",
@@ -342,6 +345,9 @@ impl Stage for Fail {
         text_out()
     }
     fn run(&self, p: &FailParams, _ctx: &mut StageContext) -> Result<(), StageError> {
+        if p.panic {
+            panic!("{}", p.message);
+        }
         Err(StageError::failed(if p.message.is_empty() {
             "failed on purpose"
         } else {

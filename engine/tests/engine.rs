@@ -318,6 +318,40 @@ inputs = { text = "a.text" }
 }
 
 #[test]
+fn a_panicking_stage_fails_and_the_run_goes_on() {
+    let pr = Project::new();
+    pr.write(
+        "p.toml",
+        r#"
+name = "p"
+[stages.a]
+kind = "text"
+text = "x"
+[stages.crash]
+kind = "fail"
+inputs = { after = "a.text" }
+message = "kaboom"
+panic = true
+[stages.independent]
+kind = "transform"
+inputs = { text = "a.text" }
+"#,
+    );
+    let opts = RunOptions {
+        keep_going: true,
+        threads: 1,
+        ..Default::default()
+    };
+    let e = pr.run_opts("p.toml", opts).unwrap_err().to_string();
+    assert!(e.contains("stage 'crash' failed: the stage panicked: kaboom"), "{e}");
+    let p = pr.load("p.toml").unwrap();
+    let store = Store::open(&p.cache_dir).unwrap();
+    let pl = plan(&p, &store, &[], &[]).unwrap();
+    let status = |n: &str| pl.iter().find(|s| s.name == n).unwrap().status.is_cached();
+    assert!(status("a") && status("independent") && !status("crash"));
+}
+
+#[test]
 fn moving_cache_and_data_reruns_nothing() {
     let pr = Project::new();
     pr.write("data/one.txt", "first");
