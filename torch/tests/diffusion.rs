@@ -620,10 +620,9 @@ network = "medicalnet_resnet10"
 weights = "resnet10.safetensors"
 ms_ssim_scales = 3
 [stages.sample_early]
-kind = "sample"
+extends = "sample_sit"
 inputs = { model = "dit.model", vae = "vae.vae" }
-num_samples = 2
-steps = 8
+weights = "ema"
 snapshot = 12
 [stages.metrics_early]
 extends = "metrics"
