@@ -319,6 +319,28 @@ fn uninterrupted_and_resumed(
     (log(&a), log(&b))
 }
 
+/// Asserts two loss traces agree step by step to a relative 1e-4. Not bit-exact: libtorch's
+/// vectorised reductions (the logged loss means) can round differently with the memory
+/// alignment of a run's buffers, by a few 1e-6 relative, while the trajectory itself is the
+/// same; a resume that lost the weights, the optimiser or the data position differs by
+/// orders of magnitude more.
+fn assert_same_trace(a: &[(u64, Vec<Option<f64>>)], b: &[(u64, Vec<Option<f64>>)]) {
+    assert_eq!(a.len(), b.len(), "step counts\n{a:?}\n{b:?}");
+    for ((sa, va), (sb, vb)) in a.iter().zip(b) {
+        assert_eq!(sa, sb);
+        assert_eq!(va.len(), vb.len());
+        for (x, y) in va.iter().zip(vb) {
+            match (x, y) {
+                (Some(x), Some(y)) => assert!(
+                    (x - y).abs() <= 1e-4 * x.abs().max(y.abs()).max(1e-3),
+                    "step {sa}: {x} vs {y}: the resumed run's losses equal the uninterrupted run's\n{a:?}\n{b:?}"
+                ),
+                _ => assert_eq!(x.is_some(), y.is_some(), "step {sa}"),
+            }
+        }
+    }
+}
+
 /// The named columns of a loss log, per step.
 fn columns(log: &[serde_json::Value], names: &[&str]) -> Vec<(u64, Vec<Option<f64>>)> {
     log.iter()
@@ -348,10 +370,7 @@ fn killed_pretraining_resumes_with_identical_losses() {
         columns(&b, &["total", "rec"]),
     );
     assert_eq!(ta.len(), 12);
-    assert_eq!(
-        ta, tb,
-        "the resumed run's losses equal the uninterrupted run's"
-    );
+    assert_same_trace(&ta, &tb);
 }
 
 /// UNETR segmentation from the tiny MeDUET with style augmentation on every step, its
@@ -388,10 +407,7 @@ style_augment = { enabled = true, probability = 1.0, prototype_every = 3, protot
         assert!((0.2..=0.5).contains(&alpha), "step {step}: alpha {alpha}");
         assert!(v[4].unwrap() >= 0.0);
     }
-    assert_eq!(
-        ta, tb,
-        "the resumed run's losses equal the uninterrupted run's"
-    );
+    assert_same_trace(&ta, &tb);
 }
 
 /// A MeDUET-initialised DiT conditioned on the factors (dual-CFG dropout on), killed
@@ -421,10 +437,7 @@ checkpoint_every = 3
     );
     assert_eq!(ta.len(), 12);
     assert!(ta.iter().all(|(_, v)| v[0].is_some_and(f64::is_finite)));
-    assert_eq!(
-        ta, tb,
-        "the resumed run's losses equal the uninterrupted run's"
-    );
+    assert_same_trace(&ta, &tb);
 }
 
 /// A small VAE trained on 400 crops of phantoms learns: the mean L1 loss of the last 20
