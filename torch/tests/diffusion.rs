@@ -719,7 +719,10 @@ fn tiny_train_sample_pipeline() {
     let (s12, s24) = (snap(12), snap(24));
     assert_eq!(s24.len(), st.len());
     for (k, t) in &st {
-        assert!(t.equal(&s24[k]), "{k}: the step-24 snapshot is the final EMA");
+        assert!(
+            t.equal(&s24[k]),
+            "{k}: the step-24 snapshot is the final EMA"
+        );
     }
     assert!(st.iter().any(|(k, t)| !t.equal(&s12[k])));
 
@@ -768,13 +771,20 @@ fn tiny_train_sample_pipeline() {
     let early = output_of(d.path(), "sample_early", "samples");
     let j: serde_json::Value =
         serde_json::from_slice(&std::fs::read(early.join("samples.json")).unwrap()).unwrap();
-    assert_eq!((j["snapshot"].as_u64(), j["training_step"].as_u64()), (Some(12), Some(12)));
+    assert_eq!(
+        (j["snapshot"].as_u64(), j["training_step"].as_u64()),
+        (Some(12), Some(12))
+    );
     let m_early: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(output_of(d.path(), "metrics_early", "report").join("metrics.json")).unwrap(),
+        &std::fs::read(output_of(d.path(), "metrics_early", "report").join("metrics.json"))
+            .unwrap(),
     )
     .unwrap();
     // 8 real volumes, 2 random 64^3 crops of each.
-    assert_eq!((m_early["real"].as_u64(), m_early["generated"].as_u64()), (Some(16), Some(2)));
+    assert_eq!(
+        (m_early["real"].as_u64(), m_early["generated"].as_u64()),
+        (Some(16), Some(2))
+    );
     assert_eq!(m_early["generated_from"]["training_step"], 12);
     let curve = output_of(d.path(), "curve", "curve");
     let csv = std::fs::read_to_string(curve.join("curve.csv")).unwrap();
@@ -794,7 +804,10 @@ fn tiny_train_sample_pipeline() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((fid24 - fid).abs() <= 1e-6 * fid.max(1.0), "{fid24} vs {fid}");
+    assert!(
+        (fid24 - fid).abs() <= 1e-6 * fid.max(1.0),
+        "{fid24} vs {fid}"
+    );
     let cmp: serde_json::Value =
         serde_json::from_slice(&std::fs::read(curve.join("steps_to_equal.json")).unwrap()).unwrap();
     assert_eq!(cmp[0]["series"], "dit meduet");

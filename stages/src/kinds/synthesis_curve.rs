@@ -223,7 +223,9 @@ impl Stage for SynthesisCurve {
                 key.to_uppercase()
             ));
             for c in &comparisons {
-                let f = |v: Option<f64>, d: usize| v.map_or("not reached".into(), |v| format!("{v:.d$}"));
+                let f = |v: Option<f64>, d: usize| {
+                    v.map_or("not reached".into(), |v| format!("{v:.d$}"))
+                };
                 md.push_str(&format!(
                     "| {} | {:.4} | {} | {} | {} |\n",
                     c.series,
@@ -245,7 +247,8 @@ impl Stage for SynthesisCurve {
         }
         std::fs::write(
             out.join("steps_to_equal.json"),
-            serde_json::to_vec_pretty(&comparisons).map_err(|e| StageError::failed(e.to_string()))?,
+            serde_json::to_vec_pretty(&comparisons)
+                .map_err(|e| StageError::failed(e.to_string()))?,
         )
         .map_err(|e| StageError::io(&out.join("steps_to_equal.json"), e))?;
         let lines: Vec<Series> = series
@@ -266,11 +269,18 @@ impl Stage for SynthesisCurve {
         .map_err(|e| StageError::failed(e.to_string()))?;
         for c in &comparisons {
             if let Some(ratio) = c.ratio {
-                ctx.set_metric(&format!("steps_ratio_{}", c.series.replace(' ', "_")), ratio);
+                ctx.set_metric(
+                    &format!("steps_ratio_{}", c.series.replace(' ', "_")),
+                    ratio,
+                );
             }
         }
         ctx.set_metric("series", series.len());
-        tracing::info!("{} series: {}", series.len(), out.join("curve.md").display());
+        tracing::info!(
+            "{} series: {}",
+            series.len(),
+            out.join("curve.md").display()
+        );
         Ok(())
     }
 }
@@ -294,8 +304,14 @@ mod tests {
     #[test]
     fn steps_to_equal_compares_with_the_reference_last_point() {
         let mut s = BTreeMap::new();
-        s.insert("dit scratch".to_string(), vec![(100.0, 80.0), (400.0, 40.0)]);
-        s.insert("dit meduet".to_string(), vec![(100.0, 60.0), (200.0, 40.0), (400.0, 30.0)]);
+        s.insert(
+            "dit scratch".to_string(),
+            vec![(100.0, 80.0), (400.0, 40.0)],
+        );
+        s.insert(
+            "dit meduet".to_string(),
+            vec![(100.0, 60.0), (200.0, 40.0), (400.0, 30.0)],
+        );
         s.insert("dit other".to_string(), vec![(100.0, 90.0), (400.0, 50.0)]);
         let c = steps_to_equal(&s, "dit scratch").unwrap();
         assert_eq!(c.len(), 2);

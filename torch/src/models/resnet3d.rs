@@ -39,7 +39,14 @@ fn conv(vs: nn::Path, i: i64, o: i64, k: i64, stride: i64, pad: i64, dil: i64) -
 }
 
 /// A convolution with per-axis kernel, stride and padding (the I3ResNet stem).
-fn conv_nd(vs: nn::Path, i: i64, o: i64, k: [i64; 3], stride: [i64; 3], pad: [i64; 3]) -> nn::Conv3D {
+fn conv_nd(
+    vs: nn::Path,
+    i: i64,
+    o: i64,
+    k: [i64; 3],
+    stride: [i64; 3],
+    pad: [i64; 3],
+) -> nn::Conv3D {
     nn::conv(
         vs,
         i,

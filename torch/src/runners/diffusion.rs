@@ -509,7 +509,8 @@ pub fn train(
     ema_vs.save(out.join("ema.safetensors")).map_err(fail)?;
     for &k in &p.snapshot_steps {
         let (from, to) = (scratch.join(snapshot_file(k)), out.join(snapshot_file(k)));
-        std::fs::create_dir_all(to.parent().expect("snapshots/")).map_err(|e| StageError::io(&to, e))?;
+        std::fs::create_dir_all(to.parent().expect("snapshots/"))
+            .map_err(|e| StageError::io(&to, e))?;
         std::fs::copy(&from, &to).map_err(|e| StageError::io(&from, e))?;
     }
     std::fs::copy(&log_path, out.join("losses.jsonl")).map_err(|e| StageError::io(&log_path, e))?;

@@ -157,7 +157,9 @@ fn random_crops(
             )));
         }
         for k in 0..per_volume {
-            let o: Vec<usize> = (0..3).map(|a| rng.random_range(0..=s[a] - shape[a])).collect();
+            let o: Vec<usize> = (0..3)
+                .map(|a| rng.random_range(0..=s[a] - shape[a]))
+                .collect();
             let mut crop = Vec::with_capacity(shape.iter().product());
             for x in 0..shape[0] {
                 for y in 0..shape[1] {
@@ -203,7 +205,8 @@ pub fn run(
     // What made the generated volumes (the `sample` stage's item attributes), when they
     // agree across items: synthesis_curve plots the metric against it.
     let from = |key: &str| -> serde_json::Value {
-        let vals: Vec<&serde_json::Value> = gen_items.iter().filter_map(|i| i.attrs.get(key)).collect();
+        let vals: Vec<&serde_json::Value> =
+            gen_items.iter().filter_map(|i| i.attrs.get(key)).collect();
         match vals.first() {
             Some(v) if vals.len() == gen_items.len() && vals.iter().all(|w| w == v) => (*v).clone(),
             _ => serde_json::Value::Null,
@@ -231,7 +234,9 @@ pub fn run(
         let mut rows = Vec::new();
         for (_, d, s) in set {
             ctx.check_cancelled()?;
-            let f = net.features(&prep(d, *s, p, data_window, dev)).to_kind(Kind::Double);
+            let f = net
+                .features(&prep(d, *s, p, data_window, dev))
+                .to_kind(Kind::Double);
             rows.extend(Vec::<f64>::try_from(f.view([-1]).to_device(Device::Cpu)).map_err(fail)?);
             bar.inc(1);
         }
@@ -327,12 +332,22 @@ mod tests {
         // [0, 1] from [-175, 250] HU onto Merlin's [-1000, 1000]: -175 HU -> 0.4125,
         // 250 HU -> 0.625, and back to the identity for equal windows.
         let t = Tensor::from_slice(&[0.0f32, 0.5, 1.0]);
-        let got = Vec::<f32>::try_from(rewindow(t.shallow_clone(), [-175.0, 250.0], [-1000.0, 1000.0])).unwrap();
+        let got = Vec::<f32>::try_from(rewindow(
+            t.shallow_clone(),
+            [-175.0, 250.0],
+            [-1000.0, 1000.0],
+        ))
+        .unwrap();
         for (g, w) in got.iter().zip([0.4125f32, 0.51875, 0.625]) {
             assert!((g - w).abs() < 1e-6, "{got:?}");
         }
         // A narrower target window clips.
-        let got = Vec::<f32>::try_from(rewindow(t.shallow_clone(), [-1000.0, 1000.0], [-100.0, 100.0])).unwrap();
+        let got = Vec::<f32>::try_from(rewindow(
+            t.shallow_clone(),
+            [-1000.0, 1000.0],
+            [-100.0, 100.0],
+        ))
+        .unwrap();
         assert_eq!(got, vec![0.0, 0.5, 1.0]);
         let same = Vec::<f32>::try_from(rewindow(t, [-175.0, 250.0], [-175.0, 250.0])).unwrap();
         assert_eq!(same, vec![0.0, 0.5, 1.0]);
