@@ -324,9 +324,16 @@ fn uninterrupted_and_resumed(
 /// alignment of a run's buffers, by a few 1e-6 relative, while the trajectory itself is the
 /// same; a resume that lost the weights, the optimiser or the data position differs by
 /// orders of magnitude more.
-fn assert_same_trace(a: &[(u64, Vec<Option<f64>>)], b: &[(u64, Vec<Option<f64>>)]) {
+///
+/// Compares the `names` columns of the two logs and returns the first's.
+fn assert_same_trace(
+    a: &[serde_json::Value],
+    b: &[serde_json::Value],
+    names: &[&str],
+) -> Vec<(u64, Vec<Option<f64>>)> {
+    let (a, b) = (columns(a, names), columns(b, names));
     assert_eq!(a.len(), b.len(), "step counts\n{a:?}\n{b:?}");
-    for ((sa, va), (sb, vb)) in a.iter().zip(b) {
+    for ((sa, va), (sb, vb)) in a.iter().zip(&b) {
         assert_eq!(sa, sb);
         assert_eq!(va.len(), vb.len());
         for (x, y) in va.iter().zip(vb) {
@@ -339,6 +346,7 @@ fn assert_same_trace(a: &[(u64, Vec<Option<f64>>)], b: &[(u64, Vec<Option<f64>>)
             }
         }
     }
+    a
 }
 
 /// The named columns of a loss log, per step.
@@ -365,12 +373,8 @@ fn killed_pretraining_resumes_with_identical_losses() {
         "model",
         "checkpoint-00000006",
     );
-    let (ta, tb) = (
-        columns(&a, &["total", "rec"]),
-        columns(&b, &["total", "rec"]),
-    );
+    let ta = assert_same_trace(&a, &b, &["total", "rec"]);
     assert_eq!(ta.len(), 12);
-    assert_same_trace(&ta, &tb);
 }
 
 /// UNETR segmentation from the tiny MeDUET with style augmentation on every step, its
@@ -398,7 +402,7 @@ style_augment = { enabled = true, probability = 1.0, prototype_every = 3, protot
     let (a, b) =
         uninterrupted_and_resumed(&pipe, &["pretrain"], "seg", "model", "checkpoint-00000004");
     let names = ["loss", "dice_loss", "ce", "aug_loss", "kl", "style_alpha"];
-    let (ta, tb) = (columns(&a, &names), columns(&b, &names));
+    let ta = assert_same_trace(&a, &b, &names);
     assert_eq!(ta.len(), 12);
     // Every step was augmented with a strength in the 100% column's range, KL computed.
     for (step, v) in &ta {
@@ -407,7 +411,6 @@ style_augment = { enabled = true, probability = 1.0, prototype_every = 3, protot
         assert!((0.2..=0.5).contains(&alpha), "step {step}: alpha {alpha}");
         assert!(v[4].unwrap() >= 0.0);
     }
-    assert_same_trace(&ta, &tb);
 }
 
 /// A MeDUET-initialised DiT conditioned on the factors (dual-CFG dropout on), killed
@@ -431,13 +434,9 @@ checkpoint_every = 3
     );
     let (a, b) =
         uninterrupted_and_resumed(&pipe, &["factors"], "dit", "model", "checkpoint-00000006");
-    let (ta, tb) = (
-        columns(&a, &["loss", "grad_norm"]),
-        columns(&b, &["loss", "grad_norm"]),
-    );
+    let ta = assert_same_trace(&a, &b, &["loss", "grad_norm"]);
     assert_eq!(ta.len(), 12);
     assert!(ta.iter().all(|(_, v)| v[0].is_some_and(f64::is_finite)));
-    assert_same_trace(&ta, &tb);
 }
 
 /// A small VAE trained on 400 crops of phantoms learns: the mean L1 loss of the last 20
