@@ -634,6 +634,30 @@ inputs = { generated = "sample_sit.volumes", real = "resample.volumes" }
 [stages.curve]
 kind = "synthesis_curve"
 inputs = { reports = ["metrics.report", "metrics_early.report", "metrics_sit.report"] }
+[stages.seg]
+kind = "segment_train"
+inputs = { volumes = "resample.volumes" }
+network = "unet"
+labels = [1, 2, 3, 4]
+unet = { patch = [32, 32, 32], planner = { base_features = 4, max_pools = 2 } }
+steps = 3
+batch_size = 1
+val_every = 0
+[stages.domains]
+kind = "classify_train"
+inputs = { latents = "encode.latents" }
+label_attr = "domain_id"
+unetr = { crop = 16, feature_size = 8 }
+steps = 3
+[stages.sweep]
+kind = "guidance_sweep"
+inputs = { model = "dit.model", vae = "vae.vae", volumes = "resample.volumes", latents = "encode.latents", segmenter = "seg.model", classifier = "domains.model" }
+content_weights = [0.0, 2.0]
+style_weights = [0.0, 2.0]
+pairs = 3
+steps = 4
+batch_size = 2
+weights = "model"
 "#;
 
 fn run_pipeline(dir: &Path, toml: &str) -> meduet_engine::RunSummary {
@@ -686,7 +710,7 @@ fn tiny_train_sample_pipeline() {
     );
     let mut computed = s.computed();
     computed.sort();
-    assert_eq!(computed.len(), 16, "{computed:?}");
+    assert_eq!(computed.len(), 19, "{computed:?}");
 
     let model = output_of(d.path(), "dit", "model");
     let cfg: serde_json::Value =
@@ -813,6 +837,40 @@ fn tiny_train_sample_pipeline() {
     assert_eq!(cmp[0]["series"], "dit meduet");
     assert_eq!(cmp[0]["reference_steps"], 24.0);
     assert!(curve.join("curve.png").is_file() && curve.join("curve.md").is_file());
+
+    // Fig. 7: 2 x 2 guidance cells x 3 reference pairs.
+    let sweep = output_of(d.path(), "sweep", "report");
+    let csv = std::fs::read_to_string(sweep.join("sweep.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 12, "{csv}");
+    let domain = |subject: &str| subject.split("_case").next().unwrap().to_string();
+    for r in &rows {
+        // content_weight,style_weight,pair,content_subject,style_subject,style_domain_id,
+        // predicted_domain_id,hit,dice
+        assert_ne!(domain(r[3]), domain(r[4]), "style from another domain: {r:?}");
+        assert_eq!(r[7] == "true", r[5] == r[6], "{r:?}");
+        if !r[8].is_empty() {
+            let dice: f64 = r[8].parse().unwrap();
+            assert!((0.0..=1.0).contains(&dice), "{r:?}");
+        }
+    }
+    // Each pair keeps its references in every cell.
+    for pair in ["0", "1", "2"] {
+        let refs: std::collections::BTreeSet<(&str, &str)> =
+            rows.iter().filter(|r| r[2] == pair).map(|r| (r[3], r[4])).collect();
+        assert_eq!(refs.len(), 1, "pair {pair}: {refs:?}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sweep.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["cells"].as_array().unwrap().len(), 4);
+    let rd = summary["reference_dice_to_labels"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rd), "{rd}");
+    let acc = summary["reference_domain_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{acc}");
+    assert_eq!(summary["about"]["naming"], "paper");
+    for f in ["summary.md", "content_dice.png", "style_hit.png", "montage.png"] {
+        assert!(sweep.join(f).is_file(), "{f}");
+    }
 }
 
 #[test]

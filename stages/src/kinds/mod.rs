@@ -27,8 +27,10 @@
 //! | `sample`          | dual-CFG sampling, VAE decoding, NIfTI + montage                |
 //! | `synthesis_metrics` | FID, MMD (3-D feature network), MS-SSIM diversity             |
 //! | `synthesis_curve` | Fig. 5: FID against training steps, steps-to-equal-FID ratio    |
+//! | `guidance_sweep`  | Fig. 7: content Dice and style hit rate over dual-CFG weights  |
 
 pub mod diffusion;
+pub mod guidance;
 pub mod ingest;
 pub mod phantom;
 pub mod preset;
@@ -56,6 +58,7 @@ pub fn register(r: &mut meduet_engine::Registry) {
         .register(diffusion::Sample)
         .register(diffusion::SynthesisMetrics)
         .register(synthesis_curve::SynthesisCurve)
+        .register(guidance::GuidanceSweep)
         .register(segment::SegmentTrain)
         .register(segment::SegmentEval)
         .register(segment::ClassifyTrain)

@@ -32,6 +32,19 @@ pub fn dice(pred: &[bool], truth: &[bool]) -> Option<f64> {
     }
 }
 
+/// Mean Dice over the foreground classes `1..=classes` present in either class map;
+/// `None` when neither has foreground.
+pub fn mean_class_dice(a: &[u8], b: &[u8], classes: u8) -> Option<f64> {
+    let d: Vec<f64> = (1..=classes)
+        .filter_map(|c| {
+            let ma: Vec<bool> = a.iter().map(|&v| v == c).collect();
+            let mb: Vec<bool> = b.iter().map(|&v| v == c).collect();
+            dice(&ma, &mb)
+        })
+        .collect();
+    (!d.is_empty()).then(|| d.iter().sum::<f64>() / d.len() as f64)
+}
+
 /// The surface voxels of a mask (`[x, y, z]` C order): inside voxels with at least one
 /// 6-neighbour outside the mask or outside the volume.
 pub fn surface(mask: &[bool], shape: [usize; 3]) -> Vec<bool> {
@@ -243,6 +256,16 @@ pub fn per_class(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mean_class_dice_averages_the_classes_present() {
+        // Class 1: 2 voxels each, 1 shared -> 0.5; class 2 only in b -> 0; class 3 absent.
+        let a = [1, 1, 0, 0, 0];
+        let b = [1, 0, 1, 2, 0];
+        assert_eq!(mean_class_dice(&a, &b, 3), Some(0.25));
+        assert_eq!(mean_class_dice(&a, &a, 3), Some(1.0));
+        assert_eq!(mean_class_dice(&[0, 0], &[0, 0], 3), None);
+    }
 
     fn cube(shape: [usize; 3], lo: [usize; 3], hi: [usize; 3]) -> Vec<bool> {
         let mut m = vec![false; shape.iter().product()];

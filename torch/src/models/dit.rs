@@ -86,6 +86,21 @@ pub enum Cond<'a> {
     None,
 }
 
+impl<'a> Cond<'a> {
+    /// The condition of a model of `mode` from its tensors in [`Config::needed_dims`]
+    /// order (`factors`: content, style; `metadata`: the vectors; `none`: nothing).
+    pub fn of(mode: ConditionMode, tensors: &'a [Tensor]) -> Self {
+        match mode {
+            ConditionMode::Factors => Cond::Factors {
+                content: &tensors[0],
+                style: &tensors[1],
+            },
+            ConditionMode::Metadata => Cond::Metadata(&tensors[0]),
+            ConditionMode::None => Cond::None,
+        }
+    }
+}
+
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
     // x [b, n, d], shift/scale [b, d]
     x * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1)

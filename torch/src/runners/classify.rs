@@ -358,8 +358,43 @@ pub fn train(
     Ok(())
 }
 
+/// A `classifier` artifact loaded for inference.
+pub struct Classifier {
+    pub vs: VarStore,
+    pub net: Unetr,
+    pub config: ClassifierConfig,
+    /// The attribute value of each class.
+    pub values: Vec<i64>,
+    pub splits: Splits,
+}
+
+/// Loads a `classifier` artifact onto `dev`.
+pub fn load_classifier(dir: &Path, dev: Device) -> Result<Classifier, StageError> {
+    let j: serde_json::Value = read_json(&dir.join("config.json"))?;
+    let config: ClassifierConfig =
+        serde_json::from_value(j["classifier"].clone()).map_err(fail)?;
+    let values: Vec<i64> = serde_json::from_value(j["values"].clone()).map_err(fail)?;
+    let splits: Splits = read_json(&dir.join("splits.json"))?;
+    let mut vs = VarStore::new(dev);
+    let net = Unetr::new(&vs.root(), &config.unetr).map_err(StageError::input)?;
+    vs.load(dir.join(WEIGHTS)).map_err(|e| {
+        StageError::input(format!(
+            "cannot load '{}': {e}",
+            dir.join(WEIGHTS).display()
+        ))
+    })?;
+    vs.freeze();
+    Ok(Classifier {
+        vs,
+        net,
+        config,
+        values,
+        splits,
+    })
+}
+
 /// Mean class probabilities over the windows covering a latent.
-fn classify_volume(
+pub fn classify_volume(
     net: &Unetr,
     s: &CropSource,
     roi: i64,
@@ -417,19 +452,13 @@ pub fn eval(
 ) -> Result<(), StageError> {
     let dev = device(ctx);
     let dir = ctx.input("model")?.dir.clone();
-    let j: serde_json::Value = read_json(&dir.join("config.json"))?;
-    let cfg: ClassifierConfig = serde_json::from_value(j["classifier"].clone()).map_err(fail)?;
-    let values: Vec<i64> = serde_json::from_value(j["values"].clone()).map_err(fail)?;
-    let splits: Splits = read_json(&dir.join("splits.json"))?;
-    let mut vs = VarStore::new(dev);
-    let net = Unetr::new(&vs.root(), &cfg.unetr).map_err(StageError::input)?;
-    vs.load(dir.join(WEIGHTS)).map_err(|e| {
-        StageError::input(format!(
-            "cannot load '{}': {e}",
-            dir.join(WEIGHTS).display()
-        ))
-    })?;
-    vs.freeze();
+    let Classifier {
+        vs: _vs,
+        net,
+        config: cfg,
+        values,
+        splits,
+    } = load_classifier(&dir, dev)?;
     let items = ctx.input("latents")?.items.clone();
     let k = values.len();
     let mut report = serde_json::Map::new();

@@ -200,6 +200,43 @@ impl ConditionBank {
         Ok(bank)
     }
 
+    /// The condition tensors of the model's mode for samples whose content comes from
+    /// bank rows `content` and style from rows `style` (metadata: the `content` rows).
+    pub fn gather(
+        &self,
+        mode: ConditionMode,
+        content: &[usize],
+        style: &[usize],
+        dev: Device,
+    ) -> Vec<Tensor> {
+        let rows = |r: &[usize]| Tensor::from_slice(&r.iter().map(|&v| v as i64).collect::<Vec<_>>());
+        match mode {
+            ConditionMode::Factors => vec![
+                self.tensors[0].index_select(0, &rows(content)).to_device(dev),
+                self.tensors[1].index_select(0, &rows(style)).to_device(dev),
+            ],
+            ConditionMode::Metadata => {
+                vec![self.tensors[0].index_select(0, &rows(content)).to_device(dev)]
+            }
+            ConditionMode::None => vec![],
+        }
+    }
+
+    /// Checks that the vectors have the widths the model was trained with.
+    pub fn check_fits(&self, cfg: &DitConfig) -> Result<(), StageError> {
+        if cfg.condition == ConditionMode::None {
+            return Ok(());
+        }
+        let dims = self.dims();
+        let want: Vec<i64> = cfg.needed_dims().iter().map(|d| d.1).collect();
+        if dims != want {
+            return Err(StageError::input(format!(
+                "the condition vectors have widths {dims:?}, the model expects {want:?}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Restricted to `subjects` (in that order); errors name a missing subject.
     pub fn select(&self, subjects: &[String]) -> Result<Self, StageError> {
         let idx: Vec<i64> = subjects
@@ -584,6 +621,17 @@ pub enum WeightsChoice {
     Snapshot(u64),
 }
 
+impl WeightsChoice {
+    /// A snapshot when one is named, else the EMA or last training weights.
+    pub fn of(snapshot: Option<u64>, weights: SampleWeights) -> Self {
+        match (snapshot, weights) {
+            (Some(k), _) => WeightsChoice::Snapshot(k),
+            (None, SampleWeights::Ema) => WeightsChoice::Ema,
+            (None, SampleWeights::Model) => WeightsChoice::Model,
+        }
+    }
+}
+
 /// Loads a `diffusion` artifact.
 pub fn load_diffusion(
     dir: &Path,
@@ -698,16 +746,102 @@ fn pick_rows(
     Ok((0..n).map(|i| rows[i % rows.len()]).collect())
 }
 
+/// Draws latents from a loaded model with dual classifier-free guidance: the sampler of a
+/// `sample` request resolved for the model (DDPM for DiT, SDE or ODE for SiT).
+pub struct LatentSampler<'a> {
+    ld: &'a LoadedDiffusion,
+    p: &'a SampleParams,
+    pub sampler: Sampler,
+    ddpm: Option<GaussianDiffusion>,
+}
+
+impl<'a> LatentSampler<'a> {
+    /// Resolves `p.sampler` (`auto`: DDPM for DiT, SDE for SiT) and the respaced DDPM
+    /// schedule; the sampler settings (steps, variance, ODE method, SDE step) come from `p`.
+    pub fn new(ld: &'a LoadedDiffusion, p: &'a SampleParams) -> Result<Self, StageError> {
+        let sampler = match (p.sampler, ld.method) {
+            (Sampler::Auto, Method::Dit) => Sampler::Ddpm,
+            (Sampler::Auto, Method::Sit) => Sampler::Sde,
+            (Sampler::Ddpm, Method::Sit) | (Sampler::Sde | Sampler::Ode, Method::Dit) => {
+                return Err(StageError::input(format!(
+                    "sampler: {:?} does not fit a {:?} model (ddpm: dit; sde, ode: sit)",
+                    p.sampler, ld.method
+                )))
+            }
+            (s, _) => s,
+        };
+        let ddpm = if sampler == Sampler::Ddpm {
+            Some(
+                GaussianDiffusion::linear(
+                    ld.schedule.timesteps,
+                    ld.schedule.beta_start,
+                    ld.schedule.beta_end,
+                )
+                .respaced(p.steps)
+                .map_err(|e| StageError::input(format!("steps: {e}")))?,
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            ld,
+            p,
+            sampler,
+            ddpm,
+        })
+    }
+
+    /// `b` latents (`[b, C, input_size]`, in the VAE's latent units: divided by the scale
+    /// factor) for the conditions `cond` (rows for `b` samples), with the starting noise
+    /// seeded by `seed`. `progress` gets the number of steps done.
+    pub fn sample(
+        &self,
+        cond: &Cond,
+        b: usize,
+        guidance: &GuidanceParams,
+        seed: u64,
+        progress: impl FnMut(usize) -> Result<(), StageError>,
+    ) -> Result<Tensor, StageError> {
+        let (ld, p) = (self.ld, self.p);
+        let cfg = ld.model.config();
+        let dev = ld.vs.device();
+        let emb = ld.model.embed(cond, &[]).map_err(fail)?;
+        let null = ld.model.null_embed(b as i64);
+        tch::manual_seed(seed as i64);
+        let [x, y, z] = cfg.input_size;
+        let init = Tensor::randn([b as i64, cfg.in_chans, x, y, z], (Kind::Float, dev));
+        let model_fn = |xt: &Tensor, t: &Tensor| -> Result<Tensor, StageError> {
+            guided_output(&ld.model, xt, t, &emb, &null, guidance).map_err(fail)
+        };
+        let latents = match self.sampler {
+            Sampler::Ddpm => self.ddpm.as_ref().expect("ddpm").sample_loop(
+                &init,
+                p.ddpm_variance,
+                model_fn,
+                progress,
+            )?,
+            Sampler::Sde => transport::sample_sde(
+                &init,
+                p.steps,
+                p.last_step_size,
+                p.diffusion_norm,
+                model_fn,
+                progress,
+            )?,
+            Sampler::Ode => {
+                transport::sample_ode(&init, p.steps, p.ode_method, model_fn, progress)?
+            }
+            Sampler::Auto => unreachable!("resolved in new"),
+        };
+        Ok(latents / ld.scale_factor)
+    }
+}
+
 pub fn sample(_: &Sample, p: &SampleParams, ctx: &mut StageContext) -> Result<(), StageError> {
     let dev = device(ctx);
     let model_dir = ctx.input("model")?.dir.clone();
     let vae_dir = ctx.input("vae")?.dir.clone();
-    let weights = match (p.snapshot, p.weights) {
-        (Some(k), _) => WeightsChoice::Snapshot(k),
-        (None, SampleWeights::Ema) => WeightsChoice::Ema,
-        (None, SampleWeights::Model) => WeightsChoice::Model,
-    };
-    let ld = load_diffusion(&model_dir, weights, dev)?;
+    let ld = load_diffusion(&model_dir, WeightsChoice::of(p.snapshot, p.weights), dev)?;
     // What made these samples, carried by every item (synthesis_metrics and
     // synthesis_curve read it).
     let trained: serde_json::Value = read_json(&model_dir.join("config.json"))?;
@@ -726,39 +860,9 @@ pub fn sample(_: &Sample, p: &SampleParams, ctx: &mut StageContext) -> Result<()
         }
         None => ConditionBank::load(&model_dir)?,
     };
-    if cfg.condition != ConditionMode::None {
-        let dims = bank.dims();
-        let want: Vec<i64> = cfg.needed_dims().iter().map(|d| d.1).collect();
-        if dims != want {
-            return Err(StageError::input(format!(
-                "the condition vectors have widths {dims:?}, the model expects {want:?}"
-            )));
-        }
-    }
-    let sampler = match (p.sampler, ld.method) {
-        (Sampler::Auto, Method::Dit) => Sampler::Ddpm,
-        (Sampler::Auto, Method::Sit) => Sampler::Sde,
-        (Sampler::Ddpm, Method::Sit) | (Sampler::Sde | Sampler::Ode, Method::Dit) => {
-            return Err(StageError::input(format!(
-                "sampler: {:?} does not fit a {:?} model (ddpm: dit; sde, ode: sit)",
-                p.sampler, ld.method
-            )))
-        }
-        (s, _) => s,
-    };
-    let ddpm = if sampler == Sampler::Ddpm {
-        Some(
-            GaussianDiffusion::linear(
-                ld.schedule.timesteps,
-                ld.schedule.beta_start,
-                ld.schedule.beta_end,
-            )
-            .respaced(p.steps)
-            .map_err(|e| StageError::input(format!("steps: {e}")))?,
-        )
-    } else {
-        None
-    };
+    bank.check_fits(&cfg)?;
+    let gen = LatentSampler::new(&ld, p)?;
+    let sampler = gen.sampler;
     let n = p.num_samples;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(p.seed);
     let (c_rows, s_rows) = match cfg.condition {
@@ -792,44 +896,13 @@ pub fn sample(_: &Sample, p: &SampleParams, ctx: &mut StageContext) -> Result<()
     for (bi, chunk_start) in (0..n).step_by(p.batch_size).enumerate() {
         ctx.check_cancelled()?;
         let b = p.batch_size.min(n - chunk_start);
-        let rows_c = Tensor::from_slice(
-            &c_rows[chunk_start..chunk_start + b]
-                .iter()
-                .map(|&r| r as i64)
-                .collect::<Vec<_>>(),
+        let conds = bank.gather(
+            cfg.condition,
+            &c_rows[chunk_start..chunk_start + b],
+            &s_rows[chunk_start..chunk_start + b],
+            dev,
         );
-        let rows_s = Tensor::from_slice(
-            &s_rows[chunk_start..chunk_start + b]
-                .iter()
-                .map(|&r| r as i64)
-                .collect::<Vec<_>>(),
-        );
-        let conds: Vec<Tensor> = match cfg.condition {
-            ConditionMode::Factors => vec![
-                bank.tensors[0].index_select(0, &rows_c).to_device(dev),
-                bank.tensors[1].index_select(0, &rows_s).to_device(dev),
-            ],
-            ConditionMode::Metadata => {
-                vec![bank.tensors[0].index_select(0, &rows_c).to_device(dev)]
-            }
-            ConditionMode::None => vec![],
-        };
-        let cond = match cfg.condition {
-            ConditionMode::Factors => Cond::Factors {
-                content: &conds[0],
-                style: &conds[1],
-            },
-            ConditionMode::Metadata => Cond::Metadata(&conds[0]),
-            ConditionMode::None => Cond::None,
-        };
-        let emb = ld.model.embed(&cond, &[]).map_err(fail)?;
-        let null = ld.model.null_embed(b as i64);
-        tch::manual_seed(step_seed(p.seed, bi as u64) as i64);
-        let [x, y, z] = cfg.input_size;
-        let init = Tensor::randn([b as i64, cfg.in_chans, x, y, z], (Kind::Float, dev));
-        let model_fn = |xt: &Tensor, t: &Tensor| -> Result<Tensor, StageError> {
-            guided_output(&ld.model, xt, t, &emb, &null, &p.guidance).map_err(fail)
-        };
+        let cond = Cond::of(cfg.condition, &conds);
         let cancel = ctx.cancel_flag().clone();
         let progress = |k: usize| -> Result<(), StageError> {
             if cancel.is_cancelled() {
@@ -838,28 +911,14 @@ pub fn sample(_: &Sample, p: &SampleParams, ctx: &mut StageContext) -> Result<()
             bar.set_position(done_steps + k.min(p.steps) as u64);
             Ok(())
         };
-        let latents = match sampler {
-            Sampler::Ddpm => ddpm.as_ref().expect("ddpm").sample_loop(
-                &init,
-                p.ddpm_variance,
-                model_fn,
-                progress,
-            )?,
-            Sampler::Sde => transport::sample_sde(
-                &init,
-                p.steps,
-                p.last_step_size,
-                p.diffusion_norm,
-                model_fn,
-                progress,
-            )?,
-            Sampler::Ode => {
-                transport::sample_ode(&init, p.steps, p.ode_method, model_fn, progress)?
-            }
-            Sampler::Auto => unreachable!("resolved above"),
-        };
+        let latents = gen.sample(
+            &cond,
+            b,
+            &p.guidance,
+            step_seed(p.seed, bi as u64),
+            progress,
+        )?;
         done_steps += p.steps as u64;
-        let latents = latents / ld.scale_factor;
         for k in 0..b {
             let i = chunk_start + k;
             let zk = latents.narrow(0, k as i64, 1);

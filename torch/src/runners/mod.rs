@@ -9,6 +9,7 @@
 //! | `classify_train`, `classify_eval` | [`classify`] |
 //! | `diffusion_train`, `sample` | [`diffusion`] |
 //! | `synthesis_metrics` | [`synthesis`] |
+//! | `guidance_sweep` | [`guidance`] |
 //!
 //! [`style_augment`] is the style augmentation shared by `segment_train` and `classify_train`.
 
@@ -16,6 +17,7 @@ pub mod classify;
 pub mod common;
 pub mod diffusion;
 pub mod factors;
+pub mod guidance;
 pub mod pretrain;
 pub mod segment;
 pub mod style_augment;
@@ -50,6 +52,10 @@ pub fn implement(r: &mut Registry) {
     r.implement(
         kinds::diffusion::SynthesisMetrics,
         Implementation::run(synthesis::run),
+    );
+    r.implement(
+        kinds::guidance::GuidanceSweep,
+        Implementation::run(guidance::run),
     );
     r.implement(
         kinds::segment::SegmentTrain,

@@ -1,0 +1,381 @@
+//! `guidance_sweep` (declared, with its measures and outputs, in
+//! `meduet_stages::kinds::guidance`): dual-CFG samples over a grid of content and style
+//! weights, scored by a segmenter (content) and a domain classifier (style).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use meduet_engine::{StageContext, StageError};
+use meduet_stages::data::volume::{Volume, VolumeOf};
+use meduet_stages::kinds::diffusion::GuidanceParams;
+use meduet_stages::kinds::guidance::{
+    pair_references, write_report, GuidanceSweep, GuidanceSweepParams, Reference, ReferenceSet,
+    SweepRow,
+};
+use meduet_stages::kinds::segment::Network;
+use meduet_stages::plot::{montage, GrayImage};
+use meduet_stages::sampling::CropSource;
+use meduet_stages::segmentation::metrics::mean_class_dice;
+use tch::{Device, Kind};
+
+use super::classify::{classify_volume, load_classifier, Classifier};
+use super::common::{device, fail, step_seed};
+use super::diffusion::{
+    load_diffusion, orthogonal_slices, ConditionBank, LatentSampler, WeightsChoice,
+};
+use super::segment::{by_id, label_lut, load_segmenter, read_case, segment_case, Case};
+use crate::inference::SlidingWindow;
+use crate::models::dit::{Cond, ConditionMode};
+
+/// Where a length-`n` axis starts inside a window of `s`: the centre crop when longer, the
+/// centred zero padding (a negative start) when shorter, as training padded latents.
+fn centre_origin(n: usize, s: usize) -> i64 {
+    if n > s {
+        ((n - s) / 2) as i64
+    } else {
+        -(((s - n) / 2) as i64)
+    }
+}
+
+/// A `[C, X, Y, Z]` array cropped or zero-padded to `size` from `origin`.
+fn window(data: &Arc<Vec<f32>>, shape: [usize; 4], origin: [i64; 3], size: [usize; 3]) -> Vec<f32> {
+    let src = CropSource {
+        id: String::new(),
+        domain_id: 0,
+        shape,
+        data: data.clone(),
+    };
+    let mut out = vec![0.0f32; shape[0] * size.iter().product::<usize>()];
+    src.read_crop(origin, size, &mut out);
+    out
+}
+
+/// A reference subject's case cut to the samples' grid: latent window `size`, image window
+/// `size * f`, about the centre of the latent.
+fn reference_case(case: &Case, latent_shape: [usize; 4], size: [usize; 3], f: usize) -> Result<Case, StageError> {
+    let origin: [i64; 3] = std::array::from_fn(|a| centre_origin(latent_shape[a + 1], size[a]));
+    let isize = size.map(|s| s * f);
+    let iorigin = origin.map(|o| o * f as i64);
+    let [x, y, z] = case.image.shape;
+    let img = window(&Arc::new(case.image.data.clone()), [1, x, y, z], iorigin, isize);
+    let cls: Vec<f32> = case.classes.iter().map(|&c| c as f32).collect();
+    let cls = window(&Arc::new(cls), [1, x, y, z], iorigin, isize);
+    let latent = case
+        .latent
+        .as_ref()
+        .map(|(d, s)| (Arc::new(window(d, *s, origin, size)), [s[0], size[0], size[1], size[2]]));
+    Ok(Case {
+        id: case.id.clone(),
+        domain: case.domain.clone(),
+        image: VolumeOf::from_parts(img, isize, case.image.affine).map_err(fail)?,
+        classes: cls.iter().map(|&v| v as u8).collect(),
+        latent,
+    })
+}
+
+/// The predicted class value of a latent `[C, X, Y, Z]`.
+fn predict_domain(
+    c: &Classifier,
+    data: Arc<Vec<f32>>,
+    shape: [usize; 4],
+    overlap: f64,
+    batch: usize,
+    dev: Device,
+) -> Result<i64, StageError> {
+    let src = CropSource {
+        id: String::new(),
+        domain_id: 0,
+        shape,
+        data,
+    };
+    let p = classify_volume(&c.net, &src, c.config.unetr.img_size, overlap, batch, dev)?;
+    let arg = (0..p.len())
+        .max_by(|&a, &b| p[a].total_cmp(&p[b]))
+        .ok_or_else(|| fail("the classifier has no classes"))?;
+    Ok(c.values[arg])
+}
+
+pub fn run(
+    _: &GuidanceSweep,
+    p: &GuidanceSweepParams,
+    ctx: &mut StageContext,
+) -> Result<(), StageError> {
+    let dev = device(ctx);
+    let model_dir = ctx.input("model")?.dir.clone();
+    let ld = load_diffusion(&model_dir, WeightsChoice::of(p.snapshot, p.weights), dev)?;
+    let cfg = ld.model.config().clone();
+    if cfg.condition != ConditionMode::Factors {
+        return Err(StageError::input(format!(
+            "model: the sweep needs a model conditioned on factors (model.condition = \"factors\"), this one is {:?}",
+            cfg.condition
+        )));
+    }
+    let bank = match ctx.inputs("factors").first() {
+        Some(f) => ConditionBank::from_factors(&f.dir)?,
+        None => ConditionBank::load(&model_dir)?,
+    };
+    bank.check_fits(&cfg)?;
+    let (_seg_vs, net, seg_cfg, splits) = load_segmenter(&ctx.input("segmenter")?.dir, dev)?;
+    let latents = ctx.inputs("latents").first().map(|l| by_id(&l.items));
+    if seg_cfg.network == Network::Unetr && latents.is_none() {
+        return Err(StageError::input(
+            "the segmenter is a UNETR on latents: connect a 'latents' input (the references' latents)",
+        ));
+    }
+    let classifier = load_classifier(&ctx.input("classifier")?.dir, dev)?;
+    if classifier.config.label_attr != "domain_id" {
+        return Err(StageError::input(format!(
+            "classifier: a domain classifier is needed (classify_train with label_attr = \"domain_id\"); this one predicts '{}'",
+            classifier.config.label_attr
+        )));
+    }
+    let volumes = by_id(&ctx.input("volumes")?.items);
+    let domain_of = |id: &str| -> Option<i64> { volumes.get(id).and_then(|it| it.attr_i64("domain_id")) };
+    let usable = |id: &String| {
+        bank.row(id).is_some()
+            && domain_of(id).is_some()
+            && latents.as_ref().is_none_or(|l| l.contains_key(id))
+    };
+    let content_ids: Vec<String> = match p.references {
+        ReferenceSet::SegmenterTest => splits.test.iter().chain(&splits.heldout).cloned().collect(),
+        ReferenceSet::All => volumes.keys().cloned().collect(),
+    };
+    let content: Vec<Reference> = content_ids
+        .iter()
+        .filter(|id| usable(id))
+        .map(|id| Reference {
+            id: id.clone(),
+            domain_id: domain_of(id).expect("usable"),
+        })
+        .collect();
+    let style: Vec<Reference> = bank
+        .subjects
+        .iter()
+        .filter(|id| usable(id))
+        .map(|id| Reference {
+            id: id.clone(),
+            domain_id: domain_of(id).expect("usable"),
+        })
+        .filter(|r| classifier.values.contains(&r.domain_id))
+        .collect();
+    if content.is_empty() {
+        return Err(StageError::input(format!(
+            "references: no {:?} subject has a volume, condition vectors{} (of {} candidates)",
+            p.references,
+            if latents.is_some() { " and a latent" } else { "" },
+            content_ids.len()
+        )));
+    }
+    let pairs = pair_references(&content, &style, p.pairs, p.seed).map_err(StageError::input)?;
+
+    let (_vae_vs, vae) = super::vae::load_vae(&ctx.input("vae")?.dir, dev)?;
+    let f = vae.config().downsample_factor() as usize;
+    let size = cfg.input_size.map(|v| v as usize);
+    let lut = label_lut(&seg_cfg.labels);
+    let k = seg_cfg.labels.len() as u8;
+    let sw = SlidingWindow {
+        roi: seg_cfg.roi,
+        overlap: p.overlap,
+        batch: 4,
+        scale: seg_cfg.scale,
+        sigma_scale: 0.125,
+    };
+    let seg_latents = (seg_cfg.network == Network::Unetr).then_some(()).and(latents.as_ref());
+
+    // The content references, segmented once; the style references, classified once.
+    let mut reference_seg: BTreeMap<usize, (Vec<u8>, Volume)> = BTreeMap::new();
+    let mut to_labels = Vec::new();
+    for &(c, _) in &pairs {
+        if reference_seg.contains_key(&c) {
+            continue;
+        }
+        let id = &content[c].id;
+        let full = read_case(&volumes[id], latents.as_ref(), &lut)?;
+        let lshape = match &full.latent {
+            Some((_, s)) => *s,
+            None => {
+                let [x, y, z] = full.image.shape;
+                [cfg.in_chans as usize, x / f, y / f, z / f]
+            }
+        };
+        let mut case = reference_case(&full, lshape, size, f)?;
+        if seg_latents.is_none() {
+            case.latent = None;
+        }
+        let (pred, _) = segment_case(&net, &case, &sw, dev)?;
+        to_labels.extend(mean_class_dice(&pred, &case.classes, k));
+        reference_seg.insert(c, (pred, case.image));
+    }
+    let reference_dice =
+        (!to_labels.is_empty()).then(|| to_labels.iter().sum::<f64>() / to_labels.len() as f64);
+    let reference_hit_rate = match &latents {
+        Some(l) => {
+            let mut hits = Vec::new();
+            let mut seen = Vec::new();
+            for &(_, s) in &pairs {
+                if seen.contains(&s) {
+                    continue;
+                }
+                seen.push(s);
+                let it = &l[&style[s].id];
+                let (d, sh, _) = meduet_stages::data::array_store::read_array_f32(
+                    &it.dir.join(meduet_stages::kinds::vae::LATENT_ZARR),
+                )
+                .map_err(StageError::input)?;
+                let sh = [sh[0], sh[1], sh[2], sh[3]];
+                let pred = predict_domain(&classifier, Arc::new(d), sh, p.overlap, p.batch_size, dev)?;
+                hits.push((pred == style[s].domain_id) as u8 as f64);
+            }
+            Some(hits.iter().sum::<f64>() / hits.len() as f64)
+        }
+        None => None,
+    };
+    tracing::info!(
+        "{} pairs of {} content and {} style reference subjects; segmenter Dice on the references {}",
+        pairs.len(),
+        reference_seg.len(),
+        pairs.iter().map(|p| p.1).collect::<std::collections::BTreeSet<_>>().len(),
+        reference_dice.map_or("undefined".into(), |d| format!("{d:.4}"))
+    );
+
+    let sp = p.sample_params();
+    let gen = LatentSampler::new(&ld, &sp)?;
+    let cells: Vec<(f64, f64)> = p
+        .content_weights
+        .iter()
+        .flat_map(|&wc| p.style_weights.iter().map(move |&ws| (wc, ws)))
+        .collect();
+    let chunks = pairs.len().div_ceil(p.batch_size);
+    let bar = ctx.progress((cells.len() * chunks * p.steps) as u64, "sampling steps");
+    let mut done = 0u64;
+    let mut rows = Vec::new();
+    let mut first_pair: Vec<(f64, f64, GrayImage)> = Vec::new();
+    let _ng = tch::no_grad_guard();
+    for &(wc, ws) in &cells {
+        let guidance = GuidanceParams {
+            content: wc,
+            style: ws,
+            naming: p.naming,
+        };
+        for (bi, start) in (0..pairs.len()).step_by(p.batch_size).enumerate() {
+            ctx.check_cancelled()?;
+            let chunk = &pairs[start..(start + p.batch_size).min(pairs.len())];
+            let c_rows: Vec<usize> = chunk.iter().map(|&(c, _)| bank.row(&content[c].id).expect("usable")).collect();
+            let s_rows: Vec<usize> = chunk.iter().map(|&(_, s)| bank.row(&style[s].id).expect("usable")).collect();
+            let conds = bank.gather(ConditionMode::Factors, &c_rows, &s_rows, dev);
+            let cancel = ctx.cancel_flag().clone();
+            let progress = |i: usize| -> Result<(), StageError> {
+                if cancel.is_cancelled() {
+                    return Err(StageError::Cancelled);
+                }
+                bar.set_position(done + i.min(p.steps) as u64);
+                Ok(())
+            };
+            // The same starting noise for a pair in every cell: cells differ by the weights.
+            let z = gen.sample(
+                &Cond::of(ConditionMode::Factors, &conds),
+                chunk.len(),
+                &guidance,
+                step_seed(p.seed, bi as u64),
+                progress,
+            )?;
+            done += p.steps as u64;
+            for (j, &(c, s)) in chunk.iter().enumerate() {
+                let zj = z.narrow(0, j as i64, 1);
+                let img = vae
+                    .decode(&zj)
+                    .map_err(fail)?
+                    .to_kind(Kind::Float)
+                    .to_device(Device::Cpu)
+                    .squeeze()
+                    .contiguous();
+                let (ref_pred, ref_img) = &reference_seg[&c];
+                let ishape = ref_img.shape;
+                if img.size() != ishape.map(|v| v as i64) {
+                    return Err(fail(format!(
+                        "decoded samples have shape {:?}, the reference window {ishape:?}",
+                        img.size()
+                    )));
+                }
+                let image: Volume = VolumeOf::from_parts(
+                    Vec::<f32>::try_from(img.view([-1])).map_err(fail)?,
+                    ishape,
+                    ref_img.affine,
+                )
+                .map_err(fail)?;
+                let zc = zj.squeeze_dim(0).to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
+                let lshape = [cfg.in_chans as usize, size[0], size[1], size[2]];
+                let zdata = Arc::new(Vec::<f32>::try_from(zc.view([-1])).map_err(fail)?);
+                let case = Case {
+                    id: format!("pair_{}", start + j),
+                    domain: String::new(),
+                    classes: vec![0; ref_pred.len()],
+                    latent: seg_latents.map(|_| (zdata.clone(), lshape)),
+                    image,
+                };
+                let (pred, _) = segment_case(&net, &case, &sw, dev)?;
+                let predicted = predict_domain(&classifier, zdata, lshape, p.overlap, p.batch_size, dev)?;
+                if start + j == 0 {
+                    let axial = orthogonal_slices(&case.image, &format!("w_c {wc} w_s {ws}"), 0.0, 1.0)
+                        .swap_remove(0);
+                    first_pair.push((wc, ws, axial));
+                }
+                rows.push(SweepRow {
+                    content_weight: wc,
+                    style_weight: ws,
+                    pair: start + j,
+                    content_subject: content[c].id.clone(),
+                    style_subject: style[s].id.clone(),
+                    style_domain_id: style[s].domain_id,
+                    predicted_domain_id: predicted,
+                    hit: predicted == style[s].domain_id,
+                    dice: mean_class_dice(&pred, ref_pred, k),
+                });
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let out = ctx.output_dir("report")?;
+    let about = serde_json::json!({
+        "method": ld.method, "sampler": gen.sampler, "steps": p.steps, "naming": p.naming,
+        "pairs": pairs.len(), "latent_size": cfg.input_size, "references": p.references,
+        "segmenter": super::segment::model_name(&seg_cfg),
+        "classifier_classes": classifier.values,
+    });
+    let summary = write_report(&out, &rows, reference_dice, reference_hit_rate, &about)
+        .map_err(fail)?;
+    // The first pair across the grid: its references, then one row per w_s.
+    let (c0, s0) = pairs[0];
+    let mut grid = vec![vec![
+        orthogonal_slices(&reference_seg[&c0].1, &format!("content {}", content[c0].id), 0.0, 1.0)
+            .swap_remove(0),
+    ]];
+    for &ws in &p.style_weights {
+        grid.push(
+            first_pair
+                .iter()
+                .filter(|(_, w, _)| *w == ws)
+                .map(|(_, _, g)| g.clone())
+                .collect(),
+        );
+    }
+    montage(
+        &out.join("montage.png"),
+        &format!(
+            "content {} + style {} (rows: w_s; columns: w_c)",
+            content[c0].id, style[s0].id
+        ),
+        &grid,
+        140,
+    )
+    .map_err(fail)?;
+    for key in [
+        "spearman_dice_content_weight",
+        "spearman_hit_style_weight",
+        "reference_dice_to_labels",
+    ] {
+        ctx.set_metric(key, summary[key].clone());
+    }
+    ctx.set_metric("samples", rows.len());
+    Ok(())
+}
