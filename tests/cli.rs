@@ -420,3 +420,28 @@ fn graph_and_status_and_show() {
         "{show}"
     );
 }
+
+/// Every pipeline file that ships loads, resolves its includes and `extends`, passes every
+/// stage's parameter validation and plans (nothing runs: a fresh cache).
+#[test]
+fn every_shipped_pipeline_plans() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let cache = tempfile::tempdir().unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 8, "{files:?}");
+    for f in &files {
+        let out = run_ok(&[
+            "plan",
+            f.to_str().unwrap(),
+            "--cache",
+            cache.path().to_str().unwrap(),
+        ]);
+        let t = text(&out);
+        assert!(t.contains("will run"), "{}: {t}", f.display());
+    }
+}

@@ -841,13 +841,21 @@ fn tiny_train_sample_pipeline() {
     // Fig. 7: 2 x 2 guidance cells x 3 reference pairs.
     let sweep = output_of(d.path(), "sweep", "report");
     let csv = std::fs::read_to_string(sweep.join("sweep.csv")).unwrap();
-    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
     assert_eq!(rows.len(), 12, "{csv}");
     let domain = |subject: &str| subject.split("_case").next().unwrap().to_string();
     for r in &rows {
         // content_weight,style_weight,pair,content_subject,style_subject,style_domain_id,
         // predicted_domain_id,hit,dice
-        assert_ne!(domain(r[3]), domain(r[4]), "style from another domain: {r:?}");
+        assert_ne!(
+            domain(r[3]),
+            domain(r[4]),
+            "style from another domain: {r:?}"
+        );
         assert_eq!(r[7] == "true", r[5] == r[6], "{r:?}");
         if !r[8].is_empty() {
             let dice: f64 = r[8].parse().unwrap();
@@ -856,8 +864,11 @@ fn tiny_train_sample_pipeline() {
     }
     // Each pair keeps its references in every cell.
     for pair in ["0", "1", "2"] {
-        let refs: std::collections::BTreeSet<(&str, &str)> =
-            rows.iter().filter(|r| r[2] == pair).map(|r| (r[3], r[4])).collect();
+        let refs: std::collections::BTreeSet<(&str, &str)> = rows
+            .iter()
+            .filter(|r| r[2] == pair)
+            .map(|r| (r[3], r[4]))
+            .collect();
         assert_eq!(refs.len(), 1, "pair {pair}: {refs:?}");
     }
     let summary: serde_json::Value =
@@ -868,7 +879,12 @@ fn tiny_train_sample_pipeline() {
     let acc = summary["reference_domain_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc), "{acc}");
     assert_eq!(summary["about"]["naming"], "paper");
-    for f in ["summary.md", "content_dice.png", "style_hit.png", "montage.png"] {
+    for f in [
+        "summary.md",
+        "content_dice.png",
+        "style_hit.png",
+        "montage.png",
+    ] {
         assert!(sweep.join(f).is_file(), "{f}");
     }
 }

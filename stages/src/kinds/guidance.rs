@@ -302,7 +302,8 @@ pub fn write_report(
     }
     std::fs::write(dir.join("sweep.csv"), csv).map_err(|e| io("sweep.csv", e))?;
     let cells = summarize(rows);
-    let mut scsv = String::from("content_weight,style_weight,samples,mean_dice,dice_samples,hit_rate\n");
+    let mut scsv =
+        String::from("content_weight,style_weight,samples,mean_dice,dice_samples,hit_rate\n");
     for c in &cells {
         scsv.push_str(&format!(
             "{},{},{},{},{},{:.6}\n",
@@ -317,8 +318,14 @@ pub fn write_report(
     std::fs::write(dir.join("summary.csv"), scsv).map_err(|e| io("summary.csv", e))?;
     let with_dice: Vec<&CellSummary> = cells.iter().filter(|c| c.mean_dice.is_some()).collect();
     let rho_dice = spearman(
-        &with_dice.iter().map(|c| c.content_weight).collect::<Vec<_>>(),
-        &with_dice.iter().map(|c| c.mean_dice.expect("filtered")).collect::<Vec<_>>(),
+        &with_dice
+            .iter()
+            .map(|c| c.content_weight)
+            .collect::<Vec<_>>(),
+        &with_dice
+            .iter()
+            .map(|c| c.mean_dice.expect("filtered"))
+            .collect::<Vec<_>>(),
     );
     let rho_hit = spearman(
         &cells.iter().map(|c| c.style_weight).collect::<Vec<_>>(),
@@ -327,7 +334,10 @@ pub fn write_report(
     // The cross terms: Dice against w_s and hit rate against w_c (the paper: insensitive).
     let rho_dice_ws = spearman(
         &with_dice.iter().map(|c| c.style_weight).collect::<Vec<_>>(),
-        &with_dice.iter().map(|c| c.mean_dice.expect("filtered")).collect::<Vec<_>>(),
+        &with_dice
+            .iter()
+            .map(|c| c.mean_dice.expect("filtered"))
+            .collect::<Vec<_>>(),
     );
     let rho_hit_wc = spearman(
         &cells.iter().map(|c| c.content_weight).collect::<Vec<_>>(),
@@ -349,11 +359,16 @@ pub fn write_report(
     for wc in &wcs {
         md.push_str(&format!("| {wc} |"));
         for ws in &wss {
-            md.push_str(&format!(" {} |", fmt_opt(cell(*wc, *ws).and_then(|c| c.mean_dice))));
+            md.push_str(&format!(
+                " {} |",
+                fmt_opt(cell(*wc, *ws).and_then(|c| c.mean_dice))
+            ));
         }
         md.push('\n');
     }
-    md.push_str("\nStyle hit rate of the domain classifier (rows: w_c; columns: w_s)\n\n| w_c \\ w_s |");
+    md.push_str(
+        "\nStyle hit rate of the domain classifier (rows: w_c; columns: w_s)\n\n| w_c \\ w_s |",
+    );
     for ws in &wss {
         md.push_str(&format!(" {ws} |"));
     }
@@ -408,7 +423,12 @@ pub fn write_report(
         "Content consistency: Dice(reference, sample) against w_c",
         "content guidance w_c",
         "Dice",
-        &lines(|c| c.content_weight, |c| c.style_weight, |c| c.mean_dice, "w_s"),
+        &lines(
+            |c| c.content_weight,
+            |c| c.style_weight,
+            |c| c.mean_dice,
+            "w_s",
+        ),
         false,
     )
     .map_err(plot)?;
@@ -417,7 +437,12 @@ pub fn write_report(
         "Style consistency: domain-classifier hit rate against w_s",
         "style guidance w_s",
         "hit rate",
-        &lines(|c| c.style_weight, |c| c.content_weight, |c| Some(c.hit_rate), "w_c"),
+        &lines(
+            |c| c.style_weight,
+            |c| c.content_weight,
+            |c| Some(c.hit_rate),
+            "w_c",
+        ),
         false,
     )
     .map_err(plot)?;
@@ -475,7 +500,8 @@ impl Stage for GuidanceSweep {
                 name: "volumes",
                 ty: VOLUMES,
                 arity: Arity::One,
-                doc: "the reference subjects' volumes (with labels: the segmenter's reference Dice)",
+                doc:
+                    "the reference subjects' volumes (with labels: the segmenter's reference Dice)",
             },
             InputSpec {
                 name: "latents",
@@ -660,11 +686,25 @@ mod tests {
         assert_eq!(cells[1].hit_rate, 1.0);
         assert!((cells[3].mean_dice.unwrap() - 0.9).abs() < 1e-12);
         let dir = tempfile::tempdir().unwrap();
-        let s = write_report(dir.path(), &rows, Some(0.95), Some(1.0), &serde_json::json!({})).unwrap();
+        let s = write_report(
+            dir.path(),
+            &rows,
+            Some(0.95),
+            Some(1.0),
+            &serde_json::json!({}),
+        )
+        .unwrap();
         // Dice per cell (0.2, 0.5, 0.7, 0.9) against w_c (0, 0, 2, 2): rank correlation.
         let want = spearman(&[0.0, 0.0, 2.0, 2.0], &[0.2, 0.5, 0.7, 0.9]).unwrap();
         assert_eq!(s["spearman_dice_content_weight"], serde_json::json!(want));
-        for f in ["sweep.csv", "summary.csv", "summary.md", "summary.json", "content_dice.png", "style_hit.png"] {
+        for f in [
+            "sweep.csv",
+            "summary.csv",
+            "summary.md",
+            "summary.json",
+            "content_dice.png",
+            "style_hit.png",
+        ] {
             assert!(dir.path().join(f).is_file(), "{f}");
         }
         let md = std::fs::read_to_string(dir.path().join("summary.md")).unwrap();

@@ -371,8 +371,7 @@ pub struct Classifier {
 /// Loads a `classifier` artifact onto `dev`.
 pub fn load_classifier(dir: &Path, dev: Device) -> Result<Classifier, StageError> {
     let j: serde_json::Value = read_json(&dir.join("config.json"))?;
-    let config: ClassifierConfig =
-        serde_json::from_value(j["classifier"].clone()).map_err(fail)?;
+    let config: ClassifierConfig = serde_json::from_value(j["classifier"].clone()).map_err(fail)?;
     let values: Vec<i64> = serde_json::from_value(j["values"].clone()).map_err(fail)?;
     let splits: Splits = read_json(&dir.join("splits.json"))?;
     let mut vs = VarStore::new(dev);

@@ -209,14 +209,19 @@ impl ConditionBank {
         style: &[usize],
         dev: Device,
     ) -> Vec<Tensor> {
-        let rows = |r: &[usize]| Tensor::from_slice(&r.iter().map(|&v| v as i64).collect::<Vec<_>>());
+        let rows =
+            |r: &[usize]| Tensor::from_slice(&r.iter().map(|&v| v as i64).collect::<Vec<_>>());
         match mode {
             ConditionMode::Factors => vec![
-                self.tensors[0].index_select(0, &rows(content)).to_device(dev),
+                self.tensors[0]
+                    .index_select(0, &rows(content))
+                    .to_device(dev),
                 self.tensors[1].index_select(0, &rows(style)).to_device(dev),
             ],
             ConditionMode::Metadata => {
-                vec![self.tensors[0].index_select(0, &rows(content)).to_device(dev)]
+                vec![self.tensors[0]
+                    .index_select(0, &rows(content))
+                    .to_device(dev)]
             }
             ConditionMode::None => vec![],
         }

@@ -52,18 +52,30 @@ fn window(data: &Arc<Vec<f32>>, shape: [usize; 4], origin: [i64; 3], size: [usiz
 
 /// A reference subject's case cut to the samples' grid: latent window `size`, image window
 /// `size * f`, about the centre of the latent.
-fn reference_case(case: &Case, latent_shape: [usize; 4], size: [usize; 3], f: usize) -> Result<Case, StageError> {
+fn reference_case(
+    case: &Case,
+    latent_shape: [usize; 4],
+    size: [usize; 3],
+    f: usize,
+) -> Result<Case, StageError> {
     let origin: [i64; 3] = std::array::from_fn(|a| centre_origin(latent_shape[a + 1], size[a]));
     let isize = size.map(|s| s * f);
     let iorigin = origin.map(|o| o * f as i64);
     let [x, y, z] = case.image.shape;
-    let img = window(&Arc::new(case.image.data.clone()), [1, x, y, z], iorigin, isize);
+    let img = window(
+        &Arc::new(case.image.data.clone()),
+        [1, x, y, z],
+        iorigin,
+        isize,
+    );
     let cls: Vec<f32> = case.classes.iter().map(|&c| c as f32).collect();
     let cls = window(&Arc::new(cls), [1, x, y, z], iorigin, isize);
-    let latent = case
-        .latent
-        .as_ref()
-        .map(|(d, s)| (Arc::new(window(d, *s, origin, size)), [s[0], size[0], size[1], size[2]]));
+    let latent = case.latent.as_ref().map(|(d, s)| {
+        (
+            Arc::new(window(d, *s, origin, size)),
+            [s[0], size[0], size[1], size[2]],
+        )
+    });
     Ok(Case {
         id: case.id.clone(),
         domain: case.domain.clone(),
@@ -130,7 +142,8 @@ pub fn run(
         )));
     }
     let volumes = by_id(&ctx.input("volumes")?.items);
-    let domain_of = |id: &str| -> Option<i64> { volumes.get(id).and_then(|it| it.attr_i64("domain_id")) };
+    let domain_of =
+        |id: &str| -> Option<i64> { volumes.get(id).and_then(|it| it.attr_i64("domain_id")) };
     let usable = |id: &String| {
         bank.row(id).is_some()
             && domain_of(id).is_some()
@@ -162,7 +175,11 @@ pub fn run(
         return Err(StageError::input(format!(
             "references: no {:?} subject has a volume, condition vectors{} (of {} candidates)",
             p.references,
-            if latents.is_some() { " and a latent" } else { "" },
+            if latents.is_some() {
+                " and a latent"
+            } else {
+                ""
+            },
             content_ids.len()
         )));
     }
@@ -180,7 +197,9 @@ pub fn run(
         scale: seg_cfg.scale,
         sigma_scale: 0.125,
     };
-    let seg_latents = (seg_cfg.network == Network::Unetr).then_some(()).and(latents.as_ref());
+    let seg_latents = (seg_cfg.network == Network::Unetr)
+        .then_some(())
+        .and(latents.as_ref());
 
     // The content references, segmented once; the style references, classified once.
     let mut reference_seg: BTreeMap<usize, (Vec<u8>, Volume)> = BTreeMap::new();
@@ -223,7 +242,8 @@ pub fn run(
                 )
                 .map_err(StageError::input)?;
                 let sh = [sh[0], sh[1], sh[2], sh[3]];
-                let pred = predict_domain(&classifier, Arc::new(d), sh, p.overlap, p.batch_size, dev)?;
+                let pred =
+                    predict_domain(&classifier, Arc::new(d), sh, p.overlap, p.batch_size, dev)?;
                 hits.push((pred == style[s].domain_id) as u8 as f64);
             }
             Some(hits.iter().sum::<f64>() / hits.len() as f64)
@@ -260,8 +280,14 @@ pub fn run(
         for (bi, start) in (0..pairs.len()).step_by(p.batch_size).enumerate() {
             ctx.check_cancelled()?;
             let chunk = &pairs[start..(start + p.batch_size).min(pairs.len())];
-            let c_rows: Vec<usize> = chunk.iter().map(|&(c, _)| bank.row(&content[c].id).expect("usable")).collect();
-            let s_rows: Vec<usize> = chunk.iter().map(|&(_, s)| bank.row(&style[s].id).expect("usable")).collect();
+            let c_rows: Vec<usize> = chunk
+                .iter()
+                .map(|&(c, _)| bank.row(&content[c].id).expect("usable"))
+                .collect();
+            let s_rows: Vec<usize> = chunk
+                .iter()
+                .map(|&(_, s)| bank.row(&style[s].id).expect("usable"))
+                .collect();
             let conds = bank.gather(ConditionMode::Factors, &c_rows, &s_rows, dev);
             let cancel = ctx.cancel_flag().clone();
             let progress = |i: usize| -> Result<(), StageError> {
@@ -303,7 +329,11 @@ pub fn run(
                     ref_img.affine,
                 )
                 .map_err(fail)?;
-                let zc = zj.squeeze_dim(0).to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
+                let zc = zj
+                    .squeeze_dim(0)
+                    .to_kind(Kind::Float)
+                    .to_device(Device::Cpu)
+                    .contiguous();
                 let lshape = [cfg.in_chans as usize, size[0], size[1], size[2]];
                 let zdata = Arc::new(Vec::<f32>::try_from(zc.view([-1])).map_err(fail)?);
                 let case = Case {
@@ -314,10 +344,12 @@ pub fn run(
                     image,
                 };
                 let (pred, _) = segment_case(&net, &case, &sw, dev)?;
-                let predicted = predict_domain(&classifier, zdata, lshape, p.overlap, p.batch_size, dev)?;
+                let predicted =
+                    predict_domain(&classifier, zdata, lshape, p.overlap, p.batch_size, dev)?;
                 if start + j == 0 {
-                    let axial = orthogonal_slices(&case.image, &format!("w_c {wc} w_s {ws}"), 0.0, 1.0)
-                        .swap_remove(0);
+                    let axial =
+                        orthogonal_slices(&case.image, &format!("w_c {wc} w_s {ws}"), 0.0, 1.0)
+                            .swap_remove(0);
                     first_pair.push((wc, ws, axial));
                 }
                 rows.push(SweepRow {
@@ -342,14 +374,17 @@ pub fn run(
         "segmenter": super::segment::model_name(&seg_cfg),
         "classifier_classes": classifier.values,
     });
-    let summary = write_report(&out, &rows, reference_dice, reference_hit_rate, &about)
-        .map_err(fail)?;
+    let summary =
+        write_report(&out, &rows, reference_dice, reference_hit_rate, &about).map_err(fail)?;
     // The first pair across the grid: its references, then one row per w_s.
     let (c0, s0) = pairs[0];
-    let mut grid = vec![vec![
-        orthogonal_slices(&reference_seg[&c0].1, &format!("content {}", content[c0].id), 0.0, 1.0)
-            .swap_remove(0),
-    ]];
+    let mut grid = vec![vec![orthogonal_slices(
+        &reference_seg[&c0].1,
+        &format!("content {}", content[c0].id),
+        0.0,
+        1.0,
+    )
+    .swap_remove(0)]];
     for &ws in &p.style_weights {
         grid.push(
             first_pair
