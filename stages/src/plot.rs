@@ -233,7 +233,7 @@ pub fn bar_chart(
         .filter(|v| v.is_finite())
         .fold(0.0f64, f64::max)
         .max(1e-6)
-        * 1.15;
+        * 1.35; // headroom above the bars for the legend
     let ng = groups.len().max(1);
     let ns = series.len().max(1);
     let mut chart = ChartBuilder::on(&root)
@@ -284,6 +284,7 @@ pub fn bar_chart(
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
