@@ -651,13 +651,21 @@ unetr = { crop = 16, feature_size = 8 }
 steps = 3
 [stages.sweep]
 kind = "guidance_sweep"
-inputs = { model = "dit.model", vae = "vae.vae", volumes = "resample.volumes", latents = "encode.latents", segmenter = "seg.model", classifier = "domains.model" }
+inputs = { model = "dit.model", vae = "vae.vae", volumes = "resample.volumes", latents = "encode.latents", segmenter = "seg.model", meduet = "pretrain.model" }
 content_weights = [0.0, 2.0]
 style_weights = [0.0, 2.0]
 pairs = 3
 steps = 4
 batch_size = 2
 weights = "model"
+[stages.sweep_trained]
+extends = "sweep"
+inputs = { model = "dit.model", vae = "vae.vae", volumes = "resample.volumes", latents = "encode.latents", segmenter = "seg.model", classifier = "domains.model" }
+style_classifier = "trained"
+content_weights = [1.0]
+style_weights = [1.0]
+pairs = 2
+steps = 2
 "#;
 
 fn run_pipeline(dir: &Path, toml: &str) -> meduet_engine::RunSummary {
@@ -710,7 +718,7 @@ fn tiny_train_sample_pipeline() {
     );
     let mut computed = s.computed();
     computed.sort();
-    assert_eq!(computed.len(), 19, "{computed:?}");
+    assert_eq!(computed.len(), 20, "{computed:?}");
 
     let model = output_of(d.path(), "dit", "model");
     let cfg: serde_json::Value =
@@ -879,6 +887,20 @@ fn tiny_train_sample_pipeline() {
     let acc = summary["reference_domain_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc), "{acc}");
     assert_eq!(summary["about"]["naming"], "paper");
+    // The default style judge is MeDUET's Cls_s over the pretraining's four domains.
+    assert_eq!(
+        summary["about"]["style_classifier"]["kind"],
+        "meduet Cls_s on pooled style tokens"
+    );
+    assert_eq!(
+        summary["about"]["style_classifier"]["classes"],
+        serde_json::json!([0, 1, 2, 3])
+    );
+    let trained = output_of(d.path(), "sweep_trained", "report");
+    let ts: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(trained.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(ts["about"]["style_classifier"]["kind"], "trained");
+    assert_eq!(ts["cells"][0]["samples"], 2);
     for f in [
         "summary.md",
         "content_dice.png",

@@ -14,9 +14,12 @@
 //!   training padded it), and the Dice between the two segmentations is averaged over the
 //!   classes present in either (the paper's "Dice between segmentations of the references
 //!   and the generated volumes");
-//! - **style consistency**: a domain classifier (`classify_train` with
-//!   `label_attr = "domain_id"`) classifies the generated latent; a hit is the style
-//!   reference's domain.
+//! - **style consistency**: a domain classifier names the generated latent's domain; a hit
+//!   is the style reference's domain. By default (`style_classifier = "meduet"`) it is
+//!   MeDUET's own style domain head `Cls_s` (the paper's "MeDUET's domain classifier"): the
+//!   latent is encoded on grid patches exactly as `extract_factors` does, its style tokens
+//!   pooled, and `Cls_s` picks one of the pretraining's domains; `style_classifier =
+//!   "trained"` uses a `classify_train` classifier (`label_attr = "domain_id"`) instead.
 //!
 //! The paper expects Dice to rise with `w_c` and saturate, insensitive to `w_s`, and the hit
 //! rate to rise with `w_s`, insensitive to `w_c`: the summary reports the Spearman rank
@@ -44,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use crate::kinds::diffusion::{
     DdpmVariance, GuidanceNaming, OdeMethod, SampleParams, SampleWeights, Sampler, DIFFUSION,
 };
-use crate::kinds::pretrain::FACTORS;
+use crate::kinds::pretrain::{Weights, FACTORS, MEDUET};
 use crate::kinds::resample::VOLUMES;
 use crate::kinds::segment::{CLASSIFIER, SEGMENTER};
 use crate::kinds::vae::{LATENTS, TORCH, VAE};
@@ -62,6 +65,36 @@ pub enum ReferenceSet {
     SegmenterTest,
     /// Every subject with a volume and condition vectors.
     All,
+}
+
+/// Which network names a sample's domain (style consistency).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StyleClassifier {
+    /// The pretrained MeDUET's style domain head `Cls_s` on pooled style tokens (input
+    /// `meduet`).
+    #[default]
+    Meduet,
+    /// A `classify_train` domain classifier on latents (input `classifier`).
+    Trained,
+}
+
+impl StyleClassifier {
+    /// Its value in a pipeline file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Meduet => "meduet",
+            Self::Trained => "trained",
+        }
+    }
+
+    /// The input this choice reads.
+    pub fn input(self) -> &'static str {
+        match self {
+            Self::Meduet => "meduet",
+            Self::Trained => "classifier",
+        }
+    }
 }
 
 /// `guidance_sweep` parameters.
@@ -86,8 +119,13 @@ pub struct GuidanceSweepParams {
     pub ode_method: OdeMethod,
     /// Samples per forward pass (each guided step evaluates 3x this batch).
     pub batch_size: usize,
-    /// Sliding-window overlap of the segmenter and the classifier.
+    /// Sliding-window overlap of the segmenter and the trained classifier.
     pub overlap: f64,
+    pub style_classifier: StyleClassifier,
+    /// The MeDUET weights whose `Cls_s` judges style (`style_classifier = "meduet"`).
+    pub meduet_weights: Weights,
+    /// Grid-patch overlap of the MeDUET encoding (as `extract_factors`).
+    pub meduet_overlap: f64,
     pub seed: u64,
 }
 
@@ -107,6 +145,9 @@ impl Default for GuidanceSweepParams {
             ode_method: OdeMethod::Heun,
             batch_size: 4,
             overlap: 0.5,
+            style_classifier: StyleClassifier::Meduet,
+            meduet_weights: Weights::Student,
+            meduet_overlap: 0.25,
             seed: 0,
         }
     }
@@ -350,39 +391,32 @@ pub fn write_report(
             .iter()
             .find(|c| c.content_weight == wc && c.style_weight == ws)
     };
+    // One Markdown table of a per-cell value: rows w_c, columns w_s.
+    let grid_table = |title: &str, value_of: &dyn Fn(&CellSummary) -> Option<f64>| {
+        let mut t = format!("{title} (rows: w_c; columns: w_s)\n\n| w_c \\ w_s |");
+        for ws in &wss {
+            t.push_str(&format!(" {ws} |"));
+        }
+        t.push_str(&format!("\n|---|{}\n", "---|".repeat(wss.len())));
+        for wc in &wcs {
+            t.push_str(&format!("| {wc} |"));
+            for ws in &wss {
+                t.push_str(&format!(" {} |", fmt_opt(cell(*wc, *ws).and_then(value_of))));
+            }
+            t.push('\n');
+        }
+        t
+    };
     let mut md = String::from("# Content and style consistency under dual CFG\n\n");
-    md.push_str("Mean Dice between the segmentations of the content reference and of the sample (rows: w_c; columns: w_s)\n\n| w_c \\ w_s |");
-    for ws in &wss {
-        md.push_str(&format!(" {ws} |"));
-    }
-    md.push_str(&format!("\n|---|{}\n", "---|".repeat(wss.len())));
-    for wc in &wcs {
-        md.push_str(&format!("| {wc} |"));
-        for ws in &wss {
-            md.push_str(&format!(
-                " {} |",
-                fmt_opt(cell(*wc, *ws).and_then(|c| c.mean_dice))
-            ));
-        }
-        md.push('\n');
-    }
-    md.push_str(
-        "\nStyle hit rate of the domain classifier (rows: w_c; columns: w_s)\n\n| w_c \\ w_s |",
-    );
-    for ws in &wss {
-        md.push_str(&format!(" {ws} |"));
-    }
-    md.push_str(&format!("\n|---|{}\n", "---|".repeat(wss.len())));
-    for wc in &wcs {
-        md.push_str(&format!("| {wc} |"));
-        for ws in &wss {
-            md.push_str(&format!(
-                " {} |",
-                fmt_opt(cell(*wc, *ws).map(|c| c.hit_rate))
-            ));
-        }
-        md.push('\n');
-    }
+    md.push_str(&grid_table(
+        "Mean Dice between the segmentations of the content reference and of the sample",
+        &|c| c.mean_dice,
+    ));
+    md.push('\n');
+    md.push_str(&grid_table(
+        "Style hit rate of the domain classifier",
+        &|c| Some(c.hit_rate),
+    ));
     md.push_str(&format!(
         "\nSpearman rank correlation over the cells: Dice with w_c {}, Dice with w_s {}; hit rate with w_s {}, hit rate with w_c {}.\n\
          Segmenter Dice on the content references against their labels: {}. Domain classifier accuracy on the style references: {}.\n",
@@ -480,7 +514,7 @@ pub struct GuidanceSweep;
 impl Stage for GuidanceSweep {
     type Params = GuidanceSweepParams;
     const KIND: &'static str = "guidance_sweep";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "Fig. 7: content Dice and style hit rate of dual-CFG samples over a grid of content and style guidance weights";
     fn inputs(&self) -> Vec<InputSpec> {
         vec![
@@ -522,10 +556,16 @@ impl Stage for GuidanceSweep {
                 doc: "segments references and samples (content consistency)",
             },
             InputSpec {
+                name: "meduet",
+                ty: MEDUET,
+                arity: Arity::Optional,
+                doc: "the pretrained MeDUET whose style head judges style (style_classifier = \"meduet\")",
+            },
+            InputSpec {
                 name: "classifier",
                 ty: CLASSIFIER,
-                arity: Arity::One,
-                doc: "a domain classifier (classify_train, label_attr = \"domain_id\")",
+                arity: Arity::Optional,
+                doc: "a domain classifier (classify_train, label_attr = \"domain_id\"; style_classifier = \"trained\")",
             },
         ]
     }
@@ -573,8 +613,10 @@ impl Stage for GuidanceSweep {
         if p.snapshot.is_some() && p.weights != SampleWeights::Ema {
             return Err("snapshot: snapshots hold EMA weights; leave weights = \"ema\"".into());
         }
-        if !(0.0..1.0).contains(&p.overlap) {
-            return Err(format!("overlap: {} must be in [0, 1)", p.overlap));
+        for (name, o) in [("overlap", p.overlap), ("meduet_overlap", p.meduet_overlap)] {
+            if !(0.0..1.0).contains(&o) {
+                return Err(format!("{name}: {o} must be in [0, 1)"));
+            }
         }
         Ok(())
     }
@@ -632,6 +674,7 @@ mod tests {
         bad(|p| p.pairs = 0, "pairs");
         bad(|p| p.steps = 1, "steps");
         bad(|p| p.overlap = 1.0, "overlap");
+        bad(|p| p.meduet_overlap = -0.1, "meduet_overlap");
         bad(
             |p| {
                 p.snapshot = Some(10);

@@ -262,6 +262,23 @@ impl MeDuet {
         })
     }
 
+    /// Whether the domain classifiers exist (pretrained with disentanglement).
+    pub fn has_domain_classifier(&self) -> bool {
+        self.domain_classifier.is_some()
+    }
+
+    /// The style domain classifier `Cls_s` on token-mean-pooled style vectors: class logits
+    /// (class `k` is the pretraining's `k`-th domain); `None` without disentanglement.
+    ///
+    /// # Shapes
+    /// - `pooled_style`: `[n, d_s]`
+    /// - returns `[n, n_domains]`
+    pub fn style_domain_logits(&self, pooled_style: &Tensor) -> Option<Tensor> {
+        self.domain_classifier
+            .as_ref()
+            .map(|d| d.style.forward(pooled_style))
+    }
+
     /// The configuration the network was built with.
     pub fn config(&self) -> &Config {
         &self.cfg

@@ -28,6 +28,11 @@ pub fn grid_starts(n: usize, patch: usize, stride: usize) -> Vec<usize> {
     v
 }
 
+/// The stride of grid patches of `patch` overlapping by the fraction `overlap`.
+pub fn grid_stride(patch: usize, overlap: f64) -> usize {
+    ((patch as f64) * (1.0 - overlap)).round().max(1.0) as usize
+}
+
 /// Copies the patch at `origin` of a `[C, X, Y, Z]` array, clamping indices past the edges
 /// (replicate padding).
 pub fn replicate_patch(
@@ -50,6 +55,66 @@ pub fn replicate_patch(
             }
         }
     }
+}
+
+/// One subject's content and style vectors: the `[C, X, Y, Z]` latent cut into grid patches
+/// of the model's crop with `stride` (replicate padding at the far edges), `encode_full` on
+/// batches of `batch_size` patches, tokens averaged per patch and patches averaged.
+/// Returns `([D], [d_s], patches)` on the model's device.
+pub fn pooled_factors(
+    model: &MeDuet,
+    data: &[f32],
+    shape: &[usize],
+    stride: usize,
+    batch_size: usize,
+) -> (Tensor, Tensor, usize) {
+    let cfg = model.config();
+    let dev = model.device();
+    let patch = cfg.crop as usize;
+    let (dc, ds) = (cfg.content_dim(), cfg.style_out_dim());
+    let (a, b, c) = (
+        grid_starts(shape[1], patch, stride),
+        grid_starts(shape[2], patch, stride),
+        grid_starts(shape[3], patch, stride),
+    );
+    let mut origins = Vec::with_capacity(a.len() * b.len() * c.len());
+    for &x in &a {
+        for &y in &b {
+            for &z in &c {
+                origins.push([x, y, z]);
+            }
+        }
+    }
+    let mut sum_c = Tensor::zeros([dc], (Kind::Float, dev));
+    let mut sum_s = Tensor::zeros([ds], (Kind::Float, dev));
+    for chunk in origins.chunks(batch_size.max(1)) {
+        let mut buf = Vec::with_capacity(chunk.len() * shape[0] * patch * patch * patch);
+        for o in chunk {
+            replicate_patch(data, shape, *o, patch, &mut buf);
+        }
+        let x = Tensor::from_slice(&buf)
+            .view([
+                chunk.len() as i64,
+                cfg.in_chans,
+                cfg.crop,
+                cfg.crop,
+                cfg.crop,
+            ])
+            .to_device(dev);
+        let f = model.encode_full(&x);
+        sum_c += f
+            .content
+            .to_kind(Kind::Float)
+            .mean_dim(1, false, Kind::Float)
+            .sum_dim_intlist(0, false, Kind::Float);
+        sum_s += f
+            .style
+            .to_kind(Kind::Float)
+            .mean_dim(1, false, Kind::Float)
+            .sum_dim_intlist(0, false, Kind::Float);
+    }
+    let n = origins.len();
+    (sum_c / n as f64, sum_s / n as f64, n)
 }
 
 /// Loads a pretrained MeDUET (student or teacher weights) from a `meduet` artifact folder.
@@ -87,8 +152,7 @@ pub fn run(
     let model_dir = ctx.input("model")?.dir.clone();
     let (_vs, model, _) = load_meduet(&model_dir, p.weights, dev)?;
     let cfg = model.config().clone();
-    let patch = cfg.crop as usize;
-    let stride = ((patch as f64) * (1.0 - p.overlap)).round().max(1.0) as usize;
+    let stride = grid_stride(cfg.crop as usize, p.overlap);
     let items = ctx.input("latents")?.items.clone();
     let (dc, ds) = (cfg.content_dim(), cfg.style_out_dim());
     let mut content = Vec::with_capacity(items.len() * dc as usize);
@@ -107,55 +171,10 @@ pub fn run(
                 it.id, cfg.in_chans
             )));
         }
-        let origins: Vec<[usize; 3]> = {
-            let (a, b, c) = (
-                grid_starts(shape[1], patch, stride),
-                grid_starts(shape[2], patch, stride),
-                grid_starts(shape[3], patch, stride),
-            );
-            let mut v = Vec::with_capacity(a.len() * b.len() * c.len());
-            for &x in &a {
-                for &y in &b {
-                    for &z in &c {
-                        v.push([x, y, z]);
-                    }
-                }
-            }
-            v
-        };
-        patches_total += origins.len();
-        let mut sum_c = Tensor::zeros([dc], (Kind::Float, dev));
-        let mut sum_s = Tensor::zeros([ds], (Kind::Float, dev));
-        for chunk in origins.chunks(p.batch_size) {
-            let mut buf = Vec::with_capacity(chunk.len() * shape[0] * patch * patch * patch);
-            for o in chunk {
-                replicate_patch(&data, &shape, *o, patch, &mut buf);
-            }
-            let x = Tensor::from_slice(&buf)
-                .view([
-                    chunk.len() as i64,
-                    cfg.in_chans,
-                    cfg.crop,
-                    cfg.crop,
-                    cfg.crop,
-                ])
-                .to_device(dev);
-            let f = model.encode_full(&x);
-            sum_c += f
-                .content
-                .to_kind(Kind::Float)
-                .mean_dim(1, false, Kind::Float)
-                .sum_dim_intlist(0, false, Kind::Float);
-            sum_s += f
-                .style
-                .to_kind(Kind::Float)
-                .mean_dim(1, false, Kind::Float)
-                .sum_dim_intlist(0, false, Kind::Float);
-        }
-        let n = origins.len() as f64;
-        content
-            .extend(Vec::<f32>::try_from((sum_c / n).to_device(tch::Device::Cpu)).map_err(fail)?);
-        style.extend(Vec::<f32>::try_from((sum_s / n).to_device(tch::Device::Cpu)).map_err(fail)?);
+        let (c, s, n) = pooled_factors(&model, &data, &shape, stride, p.batch_size);
+        patches_total += n;
+        content.extend(Vec::<f32>::try_from(c.to_device(tch::Device::Cpu)).map_err(fail)?);
+        style.extend(Vec::<f32>::try_from(s.to_device(tch::Device::Cpu)).map_err(fail)?);
         domain_ids.push(it.attr_i64("domain_id").unwrap_or(-1));
         bar.inc(1);
     }

@@ -10,22 +10,25 @@ use meduet_stages::data::volume::{Volume, VolumeOf};
 use meduet_stages::kinds::diffusion::GuidanceParams;
 use meduet_stages::kinds::guidance::{
     pair_references, write_report, GuidanceSweep, GuidanceSweepParams, Reference, ReferenceSet,
-    SweepRow,
+    StyleClassifier, SweepRow,
 };
 use meduet_stages::kinds::segment::Network;
 use meduet_stages::plot::{montage, GrayImage};
 use meduet_stages::sampling::CropSource;
 use meduet_stages::segmentation::metrics::mean_class_dice;
+use tch::nn::VarStore;
 use tch::{Device, Kind};
 
 use super::classify::{classify_volume, load_classifier, Classifier};
-use super::common::{device, fail, step_seed};
+use super::common::{device, fail, step_seed, DomainMap};
 use super::diffusion::{
     load_diffusion, orthogonal_slices, ConditionBank, LatentSampler, WeightsChoice,
 };
+use super::factors::{grid_stride, load_meduet, pooled_factors};
 use super::segment::{by_id, label_lut, load_segmenter, read_case, segment_case, Case};
 use crate::inference::SlidingWindow;
 use crate::models::dit::{Cond, ConditionMode};
+use crate::models::meduet::MeDuet;
 
 /// Where a length-`n` axis starts inside a window of `s`: the centre crop when longer, the
 /// centred zero padding (a negative start) when shorter, as training padded latents.
@@ -85,26 +88,143 @@ fn reference_case(
     })
 }
 
-/// The predicted class value of a latent `[C, X, Y, Z]`.
-fn predict_domain(
-    c: &Classifier,
-    data: Arc<Vec<f32>>,
-    shape: [usize; 4],
-    overlap: f64,
-    batch: usize,
-    dev: Device,
-) -> Result<i64, StageError> {
-    let src = CropSource {
-        id: String::new(),
-        domain_id: 0,
-        shape,
-        data,
-    };
-    let p = classify_volume(&c.net, &src, c.config.unetr.img_size, overlap, batch, dev)?;
-    let arg = (0..p.len())
-        .max_by(|&a, &b| p[a].total_cmp(&p[b]))
-        .ok_or_else(|| fail("the classifier has no classes"))?;
-    Ok(c.values[arg])
+/// What names a latent's domain (style consistency).
+enum StyleJudge {
+    /// A `classify_train` domain classifier on latents.
+    Trained(Classifier),
+    /// A pretrained MeDUET's `Cls_s` on the latent's pooled style tokens.
+    Meduet {
+        _vs: VarStore,
+        model: MeDuet,
+        /// The domain id of each of `Cls_s`'s classes.
+        domains: Vec<i64>,
+        stride: usize,
+    },
+}
+
+impl StyleJudge {
+    fn load(p: &GuidanceSweepParams, ctx: &StageContext, dev: Device) -> Result<Self, StageError> {
+        let wanted = p.style_classifier.input();
+        for name in ["meduet", "classifier"] {
+            let connected = !ctx.inputs(name).is_empty();
+            if name == wanted && !connected {
+                return Err(StageError::input(format!(
+                    "{name}: style_classifier = \"{}\" reads the '{name}' input; connect it",
+                    p.style_classifier.name()
+                )));
+            }
+            if name != wanted && connected {
+                tracing::warn!(
+                    "input '{name}' is connected but unused: style_classifier = \"{}\" reads '{wanted}'",
+                    p.style_classifier.name()
+                );
+            }
+        }
+        let dir = &ctx.input(wanted)?.dir;
+        match p.style_classifier {
+            StyleClassifier::Trained => {
+                let c = load_classifier(dir, dev)?;
+                if c.config.label_attr != "domain_id" {
+                    return Err(StageError::input(format!(
+                        "classifier: a domain classifier is needed (classify_train with label_attr = \"domain_id\"); this one predicts '{}'",
+                        c.config.label_attr
+                    )));
+                }
+                Ok(Self::Trained(c))
+            }
+            StyleClassifier::Meduet => {
+                let (vs, model, cfg_json) = load_meduet(dir, p.meduet_weights, dev)?;
+                let domains: DomainMap = serde_json::from_value(cfg_json["domains"].clone())
+                    .map_err(|e| {
+                        StageError::input(format!(
+                            "'{}': domains: {e} (a pretrain artifact records its domains)",
+                            dir.join("config.json").display()
+                        ))
+                    })?;
+                if !model.has_domain_classifier() {
+                    return Err(StageError::input(
+                        "meduet: this model has no style domain head (pretrained without disentanglement); use style_classifier = \"trained\"",
+                    ));
+                }
+                let stride = grid_stride(model.config().crop as usize, p.meduet_overlap);
+                Ok(Self::Meduet {
+                    _vs: vs,
+                    model,
+                    domains: domains.classes.iter().map(|c| c.0).collect(),
+                    stride,
+                })
+            }
+        }
+    }
+
+    /// The domain ids it can name.
+    fn domains(&self) -> &[i64] {
+        match self {
+            Self::Trained(c) => &c.values,
+            Self::Meduet { domains, .. } => domains,
+        }
+    }
+
+    /// The predicted domain id of a latent `[C, X, Y, Z]`.
+    fn predict(
+        &self,
+        data: Arc<Vec<f32>>,
+        shape: [usize; 4],
+        overlap: f64,
+        batch: usize,
+        dev: Device,
+    ) -> Result<i64, StageError> {
+        let (p, values) = match self {
+            Self::Trained(c) => {
+                let src = CropSource {
+                    id: String::new(),
+                    domain_id: 0,
+                    shape,
+                    data,
+                };
+                let p = classify_volume(&c.net, &src, c.config.unetr.img_size, overlap, batch, dev)?;
+                (p, c.values.as_slice())
+            }
+            Self::Meduet {
+                model,
+                domains,
+                stride,
+                ..
+            } => {
+                if shape[0] as i64 != model.config().in_chans {
+                    return Err(fail(format!(
+                        "latents have {} channels, the MeDUET model {}",
+                        shape[0],
+                        model.config().in_chans
+                    )));
+                }
+                let (_, style, _) = pooled_factors(model, &data, &shape, *stride, batch);
+                let logits = model
+                    .style_domain_logits(&style.unsqueeze(0))
+                    .expect("checked at load")
+                    .squeeze_dim(0)
+                    .to_kind(Kind::Double)
+                    .to_device(Device::Cpu);
+                (Vec::<f64>::try_from(logits).map_err(fail)?, domains.as_slice())
+            }
+        };
+        let arg = (0..p.len())
+            .max_by(|&a, &b| p[a].total_cmp(&p[b]))
+            .ok_or_else(|| fail("the classifier has no classes"))?;
+        Ok(values[arg])
+    }
+
+    /// How the report names it.
+    fn describe(&self) -> serde_json::Value {
+        match self {
+            Self::Trained(c) => serde_json::json!({
+                "kind": "trained", "label_attr": c.config.label_attr, "classes": c.values,
+            }),
+            Self::Meduet { domains, .. } => serde_json::json!({
+                "kind": "meduet Cls_s on pooled style tokens", "classes": domains,
+            }),
+        }
+    }
 }
 
 pub fn run(
@@ -134,13 +254,7 @@ pub fn run(
             "the segmenter is a UNETR on latents: connect a 'latents' input (the references' latents)",
         ));
     }
-    let classifier = load_classifier(&ctx.input("classifier")?.dir, dev)?;
-    if classifier.config.label_attr != "domain_id" {
-        return Err(StageError::input(format!(
-            "classifier: a domain classifier is needed (classify_train with label_attr = \"domain_id\"); this one predicts '{}'",
-            classifier.config.label_attr
-        )));
-    }
+    let judge = StyleJudge::load(p, ctx, dev)?;
     let volumes = by_id(&ctx.input("volumes")?.items);
     let domain_of =
         |id: &str| -> Option<i64> { volumes.get(id).and_then(|it| it.attr_i64("domain_id")) };
@@ -169,7 +283,7 @@ pub fn run(
             id: id.clone(),
             domain_id: domain_of(id).expect("usable"),
         })
-        .filter(|r| classifier.values.contains(&r.domain_id))
+        .filter(|r| judge.domains().contains(&r.domain_id))
         .collect();
     if content.is_empty() {
         return Err(StageError::input(format!(
@@ -242,8 +356,7 @@ pub fn run(
                 )
                 .map_err(StageError::input)?;
                 let sh = [sh[0], sh[1], sh[2], sh[3]];
-                let pred =
-                    predict_domain(&classifier, Arc::new(d), sh, p.overlap, p.batch_size, dev)?;
+                let pred = judge.predict(Arc::new(d), sh, p.overlap, p.batch_size, dev)?;
                 hits.push((pred == style[s].domain_id) as u8 as f64);
             }
             Some(hits.iter().sum::<f64>() / hits.len() as f64)
@@ -344,8 +457,7 @@ pub fn run(
                     image,
                 };
                 let (pred, _) = segment_case(&net, &case, &sw, dev)?;
-                let predicted =
-                    predict_domain(&classifier, zdata, lshape, p.overlap, p.batch_size, dev)?;
+                let predicted = judge.predict(zdata, lshape, p.overlap, p.batch_size, dev)?;
                 if start + j == 0 {
                     let axial =
                         orthogonal_slices(&case.image, &format!("w_c {wc} w_s {ws}"), 0.0, 1.0)
@@ -372,7 +484,7 @@ pub fn run(
         "method": ld.method, "sampler": gen.sampler, "steps": p.steps, "naming": p.naming,
         "pairs": pairs.len(), "latent_size": cfg.input_size, "references": p.references,
         "segmenter": super::segment::model_name(&seg_cfg),
-        "classifier_classes": classifier.values,
+        "style_classifier": judge.describe(),
     });
     let summary =
         write_report(&out, &rows, reference_dice, reference_hit_rate, &about).map_err(fail)?;
@@ -413,4 +525,60 @@ pub fn run(
     }
     ctx.set_metric("samples", rows.len());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::meduet::Config as MeduetConfig;
+    use tch::Tensor;
+
+    #[test]
+    fn meduet_judge_is_cls_s_on_pooled_style_tokens() {
+        let cfg = MeduetConfig {
+            crop: 8,
+            n_domains: 3,
+            ..MeduetConfig::tiny()
+        };
+        let vs = VarStore::new(Device::Cpu);
+        let model = MeDuet::new(&vs.root(), &cfg).unwrap();
+        assert!(model.has_domain_classifier());
+        // A 12 x 8 x 8 latent: grid patches at x = 0 and x = 4 (stride 4).
+        let c = cfg.in_chans as usize;
+        let x = Tensor::randn([1, cfg.in_chans, 12, 8, 8], (Kind::Float, Device::Cpu));
+        let data: Vec<f32> = Vec::try_from(x.view([-1])).unwrap();
+        let _ng = tch::no_grad_guard();
+        let patches = Tensor::cat(&[x.narrow(2, 0, 8), x.narrow(2, 4, 8)], 0);
+        let want_style = model
+            .encode_full(&patches)
+            .style
+            .mean_dim(1, false, Kind::Float)
+            .mean_dim(0, false, Kind::Float);
+        let (_, style, n) = pooled_factors(&model, &data, &[c, 12, 8, 8], 4, 1);
+        assert_eq!(n, 2);
+        assert!(style.allclose(&want_style, 1e-5, 1e-6, false));
+        let logits = model
+            .style_domain_logits(&want_style.unsqueeze(0))
+            .unwrap();
+        assert_eq!(logits.size(), [1, 3]);
+        let domains = vec![5, 7, 9];
+        let want = domains[logits.argmax(-1, false).int64_value(&[0]) as usize];
+        let judge = StyleJudge::Meduet {
+            _vs: vs,
+            model,
+            domains,
+            stride: 4,
+        };
+        assert_eq!(judge.domains(), &[5, 7, 9]);
+        let got = judge
+            .predict(Arc::new(data), [c, 12, 8, 8], 0.5, 2, Device::Cpu)
+            .unwrap();
+        assert_eq!(got, want);
+        // A latent with the wrong channel count is refused, naming both.
+        let e = judge
+            .predict(Arc::new(vec![0.0; 2 * 512]), [2, 8, 8, 8], 0.5, 2, Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2 channels"), "{e}");
+    }
 }
