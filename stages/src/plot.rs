@@ -121,6 +121,12 @@ pub fn line_plot(
                     .copied()
                     .filter(|p| p.0.is_finite() && p.1.is_finite() && (!log_y || p.1 > 0.0))
                     .collect();
+                // Sparse series (curves of a few evaluations) get a marker per point.
+                if pts.len() <= 50 {
+                    chart
+                        .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
+                        .map_err(|e| err(path, e))?;
+                }
                 chart
                     .draw_series(LineSeries::new(pts, c.stroke_width(2)))
                     .map_err(|e| err(path, e))?

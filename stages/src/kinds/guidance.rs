@@ -401,7 +401,10 @@ pub fn write_report(
         for wc in &wcs {
             t.push_str(&format!("| {wc} |"));
             for ws in &wss {
-                t.push_str(&format!(" {} |", fmt_opt(cell(*wc, *ws).and_then(value_of))));
+                t.push_str(&format!(
+                    " {} |",
+                    fmt_opt(cell(*wc, *ws).and_then(value_of))
+                ));
             }
             t.push('\n');
         }

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
 
-use super::common::{device, fail, read_json, step_seed, write_json};
+use super::common::{device, fail, load_frozen, read_json, step_seed, write_json};
 use super::segment::{by_id, domain_of, meduet_model_config, unetr_config, WEIGHTS};
 use super::style_augment::{kl_consistency, StyleAugmenter, PROTOTYPE_FILE};
 use crate::models::unetr::{PosEmbedInit, Unetr, UnetrConfig, UnetrHead};
@@ -376,13 +376,7 @@ pub fn load_classifier(dir: &Path, dev: Device) -> Result<Classifier, StageError
     let splits: Splits = read_json(&dir.join("splits.json"))?;
     let mut vs = VarStore::new(dev);
     let net = Unetr::new(&vs.root(), &config.unetr).map_err(StageError::input)?;
-    vs.load(dir.join(WEIGHTS)).map_err(|e| {
-        StageError::input(format!(
-            "cannot load '{}': {e}",
-            dir.join(WEIGHTS).display()
-        ))
-    })?;
-    vs.freeze();
+    load_frozen(&mut vs, &dir.join(WEIGHTS))?;
     Ok(Classifier {
         vs,
         net,

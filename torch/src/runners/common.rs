@@ -123,6 +123,15 @@ pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<(), StageErr
 }
 
 /// Reads JSON.
+/// Loads a model's weights from `file` into `vs` and freezes them (inference); a failure
+/// names the file.
+pub fn load_frozen(vs: &mut tch::nn::VarStore, file: &Path) -> Result<(), StageError> {
+    vs.load(file)
+        .map_err(|e| StageError::input(format!("cannot load '{}': {e}", file.display())))?;
+    vs.freeze();
+    Ok(())
+}
+
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StageError> {
     let b = std::fs::read(path).map_err(|e| StageError::io(path, e))?;
     serde_json::from_slice(&b)

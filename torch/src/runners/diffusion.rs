@@ -31,12 +31,14 @@ use rand::{Rng, SeedableRng};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::common::{device, fail, latent_sources, read_json, step_seed, write_json, DomainMap};
+use super::common::{
+    device, fail, latent_sources, load_frozen, read_json, step_seed, write_json, DomainMap,
+};
 use crate::diffusion::gaussian::GaussianDiffusion;
 use crate::diffusion::{guided_output, transport};
 use crate::models::dit::{dropout_mask, Cond, ConditionMode, Config as DitConfig, Dit};
 use crate::models::meduet::Config as MeduetConfig;
-use crate::models::vae::{decode_tiled, TileConfig, TileNorm};
+use crate::models::vae::{decode_tiled, AutoencoderKlMaisi, TileConfig, TileNorm};
 use crate::train::amp::GradScaler;
 use crate::train::checkpoint::Checkpoints;
 use crate::train::ema::ema_update;
@@ -673,9 +675,7 @@ pub fn load_diffusion(
             file
         }
     };
-    vs.load(&file)
-        .map_err(|e| StageError::input(format!("cannot load '{}': {e}", file.display())))?;
-    vs.freeze();
+    load_frozen(&mut vs, &file)?;
     Ok(LoadedDiffusion {
         vs,
         model,
@@ -842,6 +842,39 @@ impl<'a> LatentSampler<'a> {
     }
 }
 
+/// Decodes one latent `[1, C, x, y, z]` with the VAE (whole, or in overlapping tiles of
+/// `tile` latent voxels when `tile > 0`) into a volume on the CPU with `affine`.
+pub fn decode_to_volume(
+    vae: &AutoencoderKlMaisi,
+    z: &Tensor,
+    tile: i64,
+    affine: [[f64; 4]; 4],
+) -> Result<Volume, StageError> {
+    let f = vae.config().downsample_factor();
+    let img = if tile == 0 {
+        vae.decode(z).map_err(fail)?.to_device(Device::Cpu)
+    } else {
+        decode_tiled(
+            vae,
+            &z.to_device(Device::Cpu),
+            &TileConfig {
+                tile: [tile * f; 3],
+                overlap: (tile / 4).max(1) * f,
+                norm: TileNorm::PerTile,
+            },
+        )
+        .map_err(fail)?
+    };
+    let img = img.to_kind(Kind::Float).squeeze().contiguous();
+    let s: Vec<usize> = img.size().iter().map(|&v| v as usize).collect();
+    VolumeOf::from_parts(
+        Vec::<f32>::try_from(img.view([-1])).map_err(fail)?,
+        [s[0], s[1], s[2]],
+        affine,
+    )
+    .map_err(fail)
+}
+
 pub fn sample(_: &Sample, p: &SampleParams, ctx: &mut StageContext) -> Result<(), StageError> {
     let dev = device(ctx);
     let model_dir = ctx.input("model")?.dir.clone();
@@ -883,7 +916,6 @@ pub fn sample(_: &Sample, p: &SampleParams, ctx: &mut StageContext) -> Result<()
         }
     };
     let (vae_vs, vae) = super::vae::load_vae(&vae_dir, dev)?;
-    let f = vae.config().downsample_factor();
     let _ng = tch::no_grad_guard();
     let batches = n.div_ceil(p.batch_size);
     let bar = ctx.progress((batches * p.steps) as u64, "sampling steps");
@@ -927,28 +959,8 @@ pub fn sample(_: &Sample, p: &SampleParams, ctx: &mut StageContext) -> Result<()
         for k in 0..b {
             let i = chunk_start + k;
             let zk = latents.narrow(0, k as i64, 1);
-            let img = if p.decode_tile == 0 {
-                vae.decode(&zk).map_err(fail)?.to_device(Device::Cpu)
-            } else {
-                decode_tiled(
-                    &vae,
-                    &zk.to_device(Device::Cpu),
-                    &TileConfig {
-                        tile: [p.decode_tile * f; 3],
-                        overlap: (p.decode_tile / 4).max(1) * f,
-                        norm: TileNorm::PerTile,
-                    },
-                )
-                .map_err(fail)?
-            };
-            let img = img.to_kind(Kind::Float).squeeze().contiguous();
-            let s: Vec<usize> = img.size().iter().map(|&v| v as usize).collect();
-            let vol: Volume = VolumeOf::from_parts(
-                Vec::<f32>::try_from(img.view([-1])).map_err(fail)?,
-                [s[0], s[1], s[2]],
-                affine,
-            )
-            .map_err(fail)?;
+            let vol = decode_to_volume(&vae, &zk, p.decode_tile, affine)?;
+            let s = vol.shape;
             let id = format!("sample_{i:03}");
             let (cs, ss) = (
                 bank.subjects.get(c_rows[i]).cloned(),

@@ -15,7 +15,7 @@ use meduet_stages::kinds::vae::LATENT_ZARR;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
-use super::common::{device, fail, read_json};
+use super::common::{device, fail, load_frozen, read_json};
 
 /// Start offsets of grid patches of `patch` along an axis of length `n` with stride
 /// `stride`, covering the whole axis (the last patch may run past the end: replicate
@@ -136,10 +136,7 @@ pub fn load_meduet(
         Weights::Student => "student.safetensors",
         Weights::Teacher => "teacher.safetensors",
     };
-    vs.load(dir.join(file)).map_err(|e| {
-        StageError::input(format!("cannot load '{}': {e}", dir.join(file).display()))
-    })?;
-    vs.freeze();
+    load_frozen(&mut vs, &dir.join(file))?;
     Ok((vs, model, cfg_json))
 }
 

@@ -22,7 +22,8 @@ use tch::{Device, Kind};
 use super::classify::{classify_volume, load_classifier, Classifier};
 use super::common::{device, fail, step_seed, DomainMap};
 use super::diffusion::{
-    load_diffusion, orthogonal_slices, ConditionBank, LatentSampler, WeightsChoice,
+    decode_to_volume, load_diffusion, orthogonal_slices, ConditionBank, LatentSampler,
+    WeightsChoice,
 };
 use super::factors::{grid_stride, load_meduet, pooled_factors};
 use super::segment::{by_id, label_lut, load_segmenter, read_case, segment_case, Case};
@@ -182,7 +183,8 @@ impl StyleJudge {
                     shape,
                     data,
                 };
-                let p = classify_volume(&c.net, &src, c.config.unetr.img_size, overlap, batch, dev)?;
+                let p =
+                    classify_volume(&c.net, &src, c.config.unetr.img_size, overlap, batch, dev)?;
                 (p, c.values.as_slice())
             }
             Self::Meduet {
@@ -205,7 +207,10 @@ impl StyleJudge {
                     .squeeze_dim(0)
                     .to_kind(Kind::Double)
                     .to_device(Device::Cpu);
-                (Vec::<f64>::try_from(logits).map_err(fail)?, domains.as_slice())
+                (
+                    Vec::<f64>::try_from(logits).map_err(fail)?,
+                    domains.as_slice(),
+                )
             }
         };
         let arg = (0..p.len())
@@ -421,27 +426,14 @@ pub fn run(
             done += p.steps as u64;
             for (j, &(c, s)) in chunk.iter().enumerate() {
                 let zj = z.narrow(0, j as i64, 1);
-                let img = vae
-                    .decode(&zj)
-                    .map_err(fail)?
-                    .to_kind(Kind::Float)
-                    .to_device(Device::Cpu)
-                    .squeeze()
-                    .contiguous();
                 let (ref_pred, ref_img) = &reference_seg[&c];
-                let ishape = ref_img.shape;
-                if img.size() != ishape.map(|v| v as i64) {
+                let image = decode_to_volume(&vae, &zj, 0, ref_img.affine)?;
+                if image.shape != ref_img.shape {
                     return Err(fail(format!(
-                        "decoded samples have shape {:?}, the reference window {ishape:?}",
-                        img.size()
+                        "decoded samples have shape {:?}, the reference window {:?}",
+                        image.shape, ref_img.shape
                     )));
                 }
-                let image: Volume = VolumeOf::from_parts(
-                    Vec::<f32>::try_from(img.view([-1])).map_err(fail)?,
-                    ishape,
-                    ref_img.affine,
-                )
-                .map_err(fail)?;
                 let zc = zj
                     .squeeze_dim(0)
                     .to_kind(Kind::Float)
@@ -557,9 +549,7 @@ mod tests {
         let (_, style, n) = pooled_factors(&model, &data, &[c, 12, 8, 8], 4, 1);
         assert_eq!(n, 2);
         assert!(style.allclose(&want_style, 1e-5, 1e-6, false));
-        let logits = model
-            .style_domain_logits(&want_style.unsqueeze(0))
-            .unwrap();
+        let logits = model.style_domain_logits(&want_style.unsqueeze(0)).unwrap();
         assert_eq!(logits.size(), [1, 3]);
         let domains = vec![5, 7, 9];
         let want = domains[logits.argmax(-1, false).int64_value(&[0]) as usize];
@@ -576,7 +566,13 @@ mod tests {
         assert_eq!(got, want);
         // A latent with the wrong channel count is refused, naming both.
         let e = judge
-            .predict(Arc::new(vec![0.0; 2 * 512]), [2, 8, 8, 8], 0.5, 2, Device::Cpu)
+            .predict(
+                Arc::new(vec![0.0; 2 * 512]),
+                [2, 8, 8, 8],
+                0.5,
+                2,
+                Device::Cpu,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("2 channels"), "{e}");

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::common::{device, fail, read_json, write_json};
+use super::common::{device, fail, load_frozen, read_json, write_json};
 use super::style_augment::{kl_consistency, StyleAugmenter, PROTOTYPE_FILE};
 use crate::inference::{sliding_window, SlidingWindow};
 use crate::models::meduet::Config as MeduetConfig;
@@ -947,13 +947,7 @@ pub fn load_segmenter(
     let splits: Splits = read_json(&dir.join("splits.json"))?;
     let mut vs = VarStore::new(dev);
     let net = Net::build(&vs.root(), &cfg).map_err(StageError::input)?;
-    vs.load(dir.join(WEIGHTS)).map_err(|e| {
-        StageError::input(format!(
-            "cannot load '{}': {e}",
-            dir.join(WEIGHTS).display()
-        ))
-    })?;
-    vs.freeze();
+    load_frozen(&mut vs, &dir.join(WEIGHTS))?;
     Ok((vs, net, cfg, splits))
 }
 
