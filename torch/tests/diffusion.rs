@@ -658,9 +658,17 @@ pairs = 3
 steps = 4
 batch_size = 2
 weights = "model"
+[stages.seg_unetr]
+kind = "segment_train"
+inputs = { volumes = "resample.volumes", latents = "encode.latents" }
+labels = [1, 2, 3, 4]
+unetr = { crop = 16, feature_size = 8 }
+steps = 2
+batch_size = 1
+val_every = 0
 [stages.sweep_trained]
 extends = "sweep"
-inputs = { model = "dit.model", vae = "vae.vae", volumes = "resample.volumes", latents = "encode.latents", segmenter = "seg.model", classifier = "domains.model" }
+inputs = { model = "dit.model", vae = "vae.vae", volumes = "resample.volumes", latents = "encode.latents", segmenter = "seg_unetr.model", classifier = "domains.model" }
 style_classifier = "trained"
 content_weights = [1.0]
 style_weights = [1.0]
@@ -718,7 +726,7 @@ fn tiny_train_sample_pipeline() {
     );
     let mut computed = s.computed();
     computed.sort();
-    assert_eq!(computed.len(), 20, "{computed:?}");
+    assert_eq!(computed.len(), 21, "{computed:?}");
 
     let model = output_of(d.path(), "dit", "model");
     let cfg: serde_json::Value =
@@ -900,7 +908,13 @@ fn tiny_train_sample_pipeline() {
     let ts: serde_json::Value =
         serde_json::from_slice(&std::fs::read(trained.join("summary.json")).unwrap()).unwrap();
     assert_eq!(ts["about"]["style_classifier"]["kind"], "trained");
+    // A UNETR segments the samples' latents (only the montage's pair is decoded).
+    assert_eq!(ts["about"]["segmenter"], "unetr_scratch");
     assert_eq!(ts["cells"][0]["samples"], 2);
+    if let Some(d) = ts["cells"][0]["mean_dice"].as_f64() {
+        assert!((0.0..=1.0).contains(&d), "{d}");
+    }
+    assert!(trained.join("montage.png").is_file());
     for f in [
         "summary.md",
         "content_dice.png",

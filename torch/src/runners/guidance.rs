@@ -427,13 +427,25 @@ pub fn run(
             for (j, &(c, s)) in chunk.iter().enumerate() {
                 let zj = z.narrow(0, j as i64, 1);
                 let (ref_pred, ref_img) = &reference_seg[&c];
-                let image = decode_to_volume(&vae, &zj, 0, ref_img.affine)?;
-                if image.shape != ref_img.shape {
-                    return Err(fail(format!(
-                        "decoded samples have shape {:?}, the reference window {:?}",
-                        image.shape, ref_img.shape
-                    )));
-                }
+                // A UNETR segments the latent itself: the image is decoded only for an image
+                // segmenter and for the montage's pair (decoding dominates the sweep's time).
+                let image = if seg_latents.is_none() || start + j == 0 {
+                    let image = decode_to_volume(&vae, &zj, 0, ref_img.affine)?;
+                    if image.shape != ref_img.shape {
+                        return Err(fail(format!(
+                            "decoded samples have shape {:?}, the reference window {:?}",
+                            image.shape, ref_img.shape
+                        )));
+                    }
+                    image
+                } else {
+                    VolumeOf::from_parts(
+                        vec![0.0; ref_img.data.len()],
+                        ref_img.shape,
+                        ref_img.affine,
+                    )
+                    .map_err(fail)?
+                };
                 let zc = zj
                     .squeeze_dim(0)
                     .to_kind(Kind::Float)
