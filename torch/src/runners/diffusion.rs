@@ -32,7 +32,8 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::common::{
-    device, fail, latent_sources, load_frozen, read_json, step_seed, write_json, DomainMap,
+    device, fail, latent_sources, load_frozen, read_json, step_seed, warn_if_bottlenecked,
+    write_json, DomainMap,
 };
 use crate::diffusion::gaussian::GaussianDiffusion;
 use crate::diffusion::{guided_output, transport};
@@ -414,6 +415,11 @@ pub fn train(
         "{:?} {}x{} ({} heads, patch {}, {} tokens), condition {:?}, {:.2} M parameters, {} steps of batch {} on {dev:?}",
         p.method, cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.patch, cfg.num_tokens(),
         cfg.condition, n_params as f64 / 1e6, p.steps, p.batch_size
+    );
+    warn_if_bottlenecked(
+        "diffusion_train",
+        cfg.hidden_size,
+        cfg.patch.pow(3) * cfg.in_chans,
     );
 
     let scratch = ctx.scratch_dir()?;

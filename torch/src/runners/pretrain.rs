@@ -89,6 +89,12 @@ pub fn run(_: &Pretrain, p: &PretrainParams, ctx: &mut StageContext) -> Result<(
         .map(|t| t.numel() as i64)
         .sum();
     tracing::info!("MeDUET {}x{} (decoder {}x{}), {} domains, {:.2} M trainable parameters, {} steps of batch {} on {dev:?}", cfg.embed_dim, cfg.depth, cfg.decoder_embed_dim, cfg.decoder_depth, cfg.n_domains, n_params as f64 / 1e6, p.steps, p.batch_size);
+    super::common::warn_if_bottlenecked("pretrain (encoder)", cfg.embed_dim, cfg.patch_values());
+    super::common::warn_if_bottlenecked(
+        "pretrain (decoder)",
+        cfg.decoder_embed_dim,
+        cfg.patch_values(),
+    );
 
     let scratch = ctx.scratch_dir()?;
     let cps = Checkpoints::new(&scratch);
