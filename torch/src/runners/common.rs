@@ -129,11 +129,18 @@ pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<(), StageErr
 /// latents: DiT 96-wide, patch 4 (256 values) 0.71 after 4000 steps, patch 2 (32 values)
 /// 0.22 after 400).
 pub fn warn_if_bottlenecked(model: &str, width: i64, patch_values: i64) {
-    if width < patch_values {
-        tracing::warn!(
-            "{model}: width {width} is below the {patch_values} values of a patch; the network cannot represent its input (widen it or use a smaller patch)"
-        );
+    if let Some(w) = bottleneck(model, width, patch_values) {
+        tracing::warn!("{w}");
     }
+}
+
+/// The warning of [`warn_if_bottlenecked`], if any.
+pub fn bottleneck(model: &str, width: i64, patch_values: i64) -> Option<String> {
+    (width < patch_values).then(|| {
+        format!(
+            "{model}: width {width} is below the {patch_values} values of a patch; the network cannot represent its input (widen it or use a smaller patch)"
+        )
+    })
 }
 
 /// Loads a model's weights from `file` into `vs` and freezes them (inference); a failure
@@ -160,4 +167,18 @@ pub fn step_seed(seed: u64, step: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn narrow_tokens_are_reported() {
+        // DiT-tiny: 96 wide, patch 4 on 4 channels (256 values); patch 2 (32 values); B/4.
+        let w = bottleneck("diffusion_train", 96, 4 * 4 * 4 * 4).unwrap();
+        assert!(w.contains("width 96") && w.contains("256 values"), "{w}");
+        assert_eq!(bottleneck("diffusion_train", 96, 2 * 2 * 2 * 4), None);
+        assert_eq!(bottleneck("diffusion_train", 768, 256), None);
+    }
 }
