@@ -122,12 +122,11 @@ pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<(), StageErr
         .map_err(|e| StageError::io(path, e))
 }
 
-/// Reads JSON.
 /// Warns when a transformer's tokens are narrower than the patch they embed: the patch
 /// embedding then compresses `patch_values` numbers into `width` channels and the network
 /// cannot pass its input through (a DiT's ε-loss floors; measured on the quickstart
 /// latents: DiT 96-wide, patch 4 (256 values) 0.71 after 4000 steps, patch 2 (32 values)
-/// 0.22 after 400).
+/// 0.23 after 400).
 pub fn warn_if_bottlenecked(model: &str, width: i64, patch_values: i64) {
     if let Some(w) = bottleneck(model, width, patch_values) {
         tracing::warn!("{w}");
@@ -152,6 +151,7 @@ pub fn load_frozen(vs: &mut tch::nn::VarStore, file: &Path) -> Result<(), StageE
     Ok(())
 }
 
+/// Reads JSON.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StageError> {
     let b = std::fs::read(path).map_err(|e| StageError::io(path, e))?;
     serde_json::from_slice(&b)
