@@ -155,6 +155,11 @@ impl Config {
         self.input_size.map(|s| s / self.patch)
     }
 
+    /// Values per patch token, `patch^3 * in_chans` (256 for B/4 on 4-channel latents).
+    pub fn patch_values(&self) -> i64 {
+        self.patch.pow(3) * self.in_chans
+    }
+
     /// Tokens per crop.
     pub fn num_tokens(&self) -> i64 {
         self.grid().iter().product()

@@ -416,11 +416,7 @@ pub fn train(
         p.method, cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.patch, cfg.num_tokens(),
         cfg.condition, n_params as f64 / 1e6, p.steps, p.batch_size
     );
-    warn_if_bottlenecked(
-        "diffusion_train",
-        cfg.hidden_size,
-        cfg.patch.pow(3) * cfg.in_chans,
-    );
+    warn_if_bottlenecked("diffusion_train", cfg.hidden_size, cfg.patch_values());
 
     let scratch = ctx.scratch_dir()?;
     let cps = Checkpoints::new(&scratch);
