@@ -78,11 +78,14 @@ _VIT_B = dict(
 
 
 def default_config(preset: str = "vit_b", **overrides) -> dict:
-    """The Rust presets ``Config::vit_b()`` / ``Config::tiny()`` as a dict."""
+    """The Rust presets ``Config::vit_b()`` / ``Config::tiny()`` / ``Config::small()`` as a dict."""
     cfg = dict(_VIT_B)
     if preset == "tiny":
         cfg.update(embed_dim=96, depth=2, num_heads=4, decoder_embed_dim=48, decoder_depth=2,
                    decoder_num_heads=4, style_dim=24, n_domains=4)
+    elif preset == "small":
+        cfg.update(embed_dim=288, depth=2, num_heads=6, decoder_embed_dim=288, decoder_depth=2,
+                   decoder_num_heads=6, style_dim=48, n_domains=4)
     elif preset != "vit_b":
         raise ValueError(f"unknown preset {preset!r}")
     cfg["loss"] = dict(_LOSS_DEFAULTS)

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "reference"))
 
 SIZES = {
     "tiny": dict(input_size=[16, 16, 16], hidden_size=96, depth=2, num_heads=4, num_classes=0),
+    "small": dict(input_size=[16, 16, 16], hidden_size=288, depth=2, num_heads=6, num_classes=0),
     "b4": dict(input_size=[64, 64, 32], hidden_size=768, depth=12, num_heads=12, num_classes=1000),
 }
 

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p meduet-torch --example bench_dit_step -- \
-//!     --size tiny|b4 --method dit|sit --batch 2 --steps 10 --warmup 2 --threads 2
+//!     --size tiny|small|b4 --method dit|sit --batch 2 --steps 10 --warmup 2 --threads 2
 //! ```
 //!
 //! Prints one JSON line (`ms_per_step` is the median). `scripts/bench_dit_step.sh` runs it
@@ -39,8 +39,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tch::set_num_threads(threads);
     let base = match size.as_str() {
         "tiny" => Config::tiny(),
+        "small" => Config::small(),
         "b4" => Config::b4(),
-        other => return Err(format!("unknown size {other} (tiny | b4)").into()),
+        other => return Err(format!("unknown size {other} (tiny | small | b4)").into()),
     };
     let cfg = Config {
         content_dim: base.hidden_size,

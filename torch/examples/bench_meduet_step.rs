@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p meduet-stages --example bench_meduet_step -- \
-//!     --size tiny|vit_b --batch 2 --steps 10 --warmup 2 --threads 2
+//!     --size tiny|small|vit_b --batch 2 --steps 10 --warmup 2 --threads 2
 //! ```
 //!
 //! Prints one JSON line: `{"impl":"tch","size":..,"batch":..,"threads":..,"ms_per_step":..,
@@ -55,8 +55,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tch::set_num_threads(args.threads as i32);
     let cfg = match args.size.as_str() {
         "tiny" => Config::tiny(),
+        "small" => Config::small(),
         "vit_b" => Config::vit_b(),
-        other => return Err(format!("unknown size {other} (tiny | vit_b)").into()),
+        other => return Err(format!("unknown size {other} (tiny | small | vit_b)").into()),
     };
     let device = Device::Cpu;
     tch::manual_seed(0);

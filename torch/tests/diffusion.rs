@@ -628,6 +628,20 @@ snapshot = 12
 extends = "metrics"
 inputs = { generated = "sample_early.volumes", real = "resample.volumes" }
 real_crops_per_volume = 2
+# The real side computed once: the same crops as metrics_early's, so the same FID.
+[stages.real_crops]
+kind = "volume_features"
+inputs = { volumes = "resample.volumes" }
+network = "medicalnet_resnet10"
+weights = "resnet10.safetensors"
+crop = [64, 64, 64]
+crops_per_volume = 2
+[stages.metrics_early_shared]
+kind = "synthesis_metrics"
+inputs = { generated = "sample_early.volumes", real_features = "real_crops.features" }
+network = "medicalnet_resnet10"
+weights = "resnet10.safetensors"
+ms_ssim_scales = 3
 [stages.metrics_sit]
 extends = "metrics"
 inputs = { generated = "sample_sit.volumes", real = "resample.volumes" }
@@ -674,6 +688,9 @@ content_weights = [1.0]
 style_weights = [1.0]
 pairs = 2
 steps = 2
+[stages.sweep_probe]
+extends = "sweep_trained"
+style_classifier = "style_probe"
 "#;
 
 fn run_pipeline(dir: &Path, toml: &str) -> meduet_engine::RunSummary {
@@ -726,7 +743,7 @@ fn tiny_train_sample_pipeline() {
     );
     let mut computed = s.computed();
     computed.sort();
-    assert_eq!(computed.len(), 21, "{computed:?}");
+    assert_eq!(computed.len(), 24, "{computed:?}");
 
     let model = output_of(d.path(), "dit", "model");
     let cfg: serde_json::Value =
@@ -826,6 +843,21 @@ fn tiny_train_sample_pipeline() {
         (Some(16), Some(2))
     );
     assert_eq!(m_early["generated_from"]["training_step"], 12);
+    // The same comparison with the real crops' features from a volume_features stage.
+    let m_shared: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(output_of(d.path(), "metrics_early_shared", "report").join("metrics.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m_shared["real"], 16);
+    assert_eq!(
+        m_shared["preprocessing"]["real_features"]["crops_per_volume"],
+        2
+    );
+    for k in ["fid", "mmd", "ms_ssim"] {
+        let (a, b) = (m_early[k].as_f64().unwrap(), m_shared[k].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-9 * a.abs().max(1.0), "{k}: {a} vs {b}");
+    }
     let curve = output_of(d.path(), "curve", "curve");
     let csv = std::fs::read_to_string(curve.join("curve.csv")).unwrap();
     println!("{csv}");
@@ -915,6 +947,23 @@ fn tiny_train_sample_pipeline() {
         assert!((0.0..=1.0).contains(&d), "{d}");
     }
     assert!(trained.join("montage.png").is_file());
+    // The style probe: fitted on the bank's pooled style vectors of the four domains.
+    let probe: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(output_of(d.path(), "sweep_probe", "report").join("summary.json")).unwrap(),
+    )
+    .unwrap();
+    let judge = &probe["about"]["style_classifier"];
+    assert!(
+        judge["kind"]
+            .as_str()
+            .unwrap()
+            .starts_with("logistic regression"),
+        "{judge}"
+    );
+    assert_eq!(judge["classes"], serde_json::json!([0, 1, 2, 3]));
+    let cv = judge["bank_cross_validated"]["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&cv), "{cv}");
+    assert_eq!(probe["cells"][0]["samples"], 2);
     for f in [
         "summary.md",
         "content_dice.png",

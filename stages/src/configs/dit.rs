@@ -150,6 +150,16 @@ impl Config {
         }
     }
 
+    /// CPU-sized and wide enough to carry a 4^3 x 4 patch (256 values): 288 x 2, 6 heads,
+    /// 16^3 latent crop; the width and depth of the `small` MeDUET, so `meduet` init applies.
+    pub fn small() -> Self {
+        Self {
+            hidden_size: 288,
+            num_heads: 6,
+            ..Self::tiny()
+        }
+    }
+
     /// Tokens per axis.
     pub fn grid(&self) -> [i64; 3] {
         self.input_size.map(|s| s / self.patch)

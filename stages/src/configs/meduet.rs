@@ -202,6 +202,24 @@ impl Config {
         }
     }
 
+    /// The smallest CPU size whose tokens can carry a patch: encoder 288x2 (6 heads; 288 >=
+    /// the 256 values of a 4^3 x 4 patch, which `tiny` cannot pass through), decoder 288x2
+    /// (6 heads), d_s = 48, same crop and patch, 4 domains. Its DiT twin is
+    /// `dit::Config::small`.
+    pub fn small() -> Self {
+        Self {
+            embed_dim: 288,
+            depth: 2,
+            num_heads: 6,
+            decoder_embed_dim: 288,
+            decoder_depth: 2,
+            decoder_num_heads: 6,
+            style_dim: 48,
+            n_domains: 4,
+            ..Self::vit_b()
+        }
+    }
+
     /// Tokens per side of the crop.
     pub fn grid(&self) -> i64 {
         self.crop / self.patch
@@ -355,6 +373,10 @@ mod tests {
             (216, 108, 256)
         );
         Config::tiny().validate().unwrap();
+        let s = Config::small();
+        s.validate().unwrap();
+        assert!(s.embed_dim.min(s.decoder_embed_dim) >= s.patch_values());
+        assert!(Config::tiny().embed_dim < s.patch_values());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! |---------------------|------------------------------------------|----------------------|------|
 //! | `diffusion_train`   | `latents`, `factors`?, `meduet`?         | `model`              | DiT (DDPM, epsilon) or SiT (linear interpolant, velocity) on latent crops, dual CFG dropout |
 //! | `sample`            | `model`, `vae`, `factors`?               | `volumes`, `samples` | DDPM ancestral / Euler-Maruyama SDE / ODE sampling with dual CFG, VAE decode, NIfTI + montage |
-//! | `synthesis_metrics` | `generated`, `real`                      | `report`             | FID, MMD (feature network), MS-SSIM diversity |
+//! | `volume_features`   | `volumes`                                | `features`           | feature vectors of (seeded crops of) volumes: the real side of FID/MMD, computed once |
+//! | `synthesis_metrics` | `generated`, `real` or `real_features`   | `report`             | FID, MMD (feature network), MS-SSIM diversity |
 //!
 //! A `diffusion` artifact holds `model.safetensors` (the trained weights) and
 //! `ema.safetensors` (the EMA weights sampling uses), with the authors' parameter names;
@@ -28,6 +29,8 @@ use crate::kinds::vae::{Amp, LATENTS, TORCH, VAE};
 pub const DIFFUSION: ArtifactType = ArtifactType::single("diffusion");
 /// Generated samples (NIfTI files, montage, conditions).
 pub const SAMPLES: ArtifactType = ArtifactType::single("samples");
+/// Feature vectors of volumes under a recorded feature network and preprocessing.
+pub const VOLUME_FEATURES: ArtifactType = ArtifactType::single("volume_features");
 /// A metrics report.
 pub const SYNTHESIS_REPORT: ArtifactType = ArtifactType::single("synthesis_report");
 
@@ -38,6 +41,8 @@ pub enum DitPreset {
     /// 96 x 2, 4 heads, 16^3 latent crop: CPU quickstart and tests.
     #[default]
     Tiny,
+    /// 288 x 2, 6 heads, 16^3 latent crop: wide enough for a patch; twin of MeDUET `small`.
+    Small,
     /// S/4: 384 x 12, 6 heads, 64 x 64 x 32.
     S4,
     /// B/4 (the paper): 768 x 12, 12 heads, 64 x 64 x 32.
@@ -48,6 +53,7 @@ impl DitPreset {
     pub fn config(self) -> DitConfig {
         match self {
             DitPreset::Tiny => DitConfig::tiny(),
+            DitPreset::Small => DitConfig::small(),
             DitPreset::S4 => DitConfig::s4(),
             DitPreset::B4 => DitConfig::b4(),
         }
@@ -562,6 +568,121 @@ pub enum FeatureNorm {
     Unit,
 }
 
+/// `volume_features` parameters: the feature network and preprocessing (as
+/// `synthesis_metrics`'), and which crops of the volumes to featurise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeFeaturesParams {
+    pub network: FeatureNetwork,
+    /// The network's weights as safetensors; hashed by content.
+    pub weights: SourcePath,
+    /// `None`: the network's own ([`FeatureNetwork::default_normalization`]).
+    #[serde(default)]
+    pub normalization: Option<FeatureNorm>,
+    /// The HU window that the volumes' [0, 1] intensities come from; `None`: the volumes'
+    /// recorded `intensity.window`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hu_window: Option<[f64; 2]>,
+    /// Resize (trilinear) before the network; `None`: each volume at its own size.
+    #[serde(default)]
+    pub resize: Option<[usize; 3]>,
+    /// Featurise seeded random crops of this shape (the shape of the samples they will be
+    /// compared with) instead of whole volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop: Option<[usize; 3]>,
+    /// Crops per volume (with `crop`).
+    #[serde(default = "one")]
+    pub crops_per_volume: usize,
+    /// Seed of the crop positions: with equal seeds and counts, the crops of
+    /// `synthesis_metrics`' `real_crops_per_volume`.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub seed: u64,
+}
+
+impl VolumeFeaturesParams {
+    pub fn features(&self) -> FeatureSettings<'_> {
+        FeatureSettings {
+            network: self.network,
+            weights: &self.weights,
+            normalization: self
+                .normalization
+                .unwrap_or_else(|| self.network.default_normalization()),
+            hu_window: self.hu_window,
+            resize: self.resize,
+        }
+    }
+}
+
+/// The feature network and preprocessing shared by `volume_features` and
+/// `synthesis_metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct FeatureSettings<'a> {
+    pub network: FeatureNetwork,
+    pub weights: &'a SourcePath,
+    /// In effect (the network's default resolved).
+    pub normalization: FeatureNorm,
+    pub hu_window: Option<[f64; 2]>,
+    pub resize: Option<[usize; 3]>,
+}
+
+fn validate_resize(resize: Option<[usize; 3]>) -> Result<(), String> {
+    match resize {
+        Some(r) if r.iter().any(|&v| v < 8) => {
+            Err(format!("resize: {r:?} must be at least 8 on every axis"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `volume_features`: the real side of FID and MMD, computed once for every
+/// `synthesis_metrics` stage that compares samples with the same volumes.
+pub struct VolumeFeatures;
+
+impl Stage for VolumeFeatures {
+    type Params = VolumeFeaturesParams;
+    const KIND: &'static str = "volume_features";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str =
+        "Feature vectors of volumes (or seeded crops of them) on a pretrained 3-D CT network";
+    fn inputs(&self) -> Vec<InputSpec> {
+        vec![InputSpec {
+            name: "volumes",
+            ty: VOLUMES,
+            arity: Arity::One,
+            doc: "volumes (for example `resample.volumes`)",
+        }]
+    }
+    fn outputs(&self) -> Vec<OutputSpec> {
+        vec![OutputSpec {
+            name: "features",
+            ty: VOLUME_FEATURES,
+            doc: "features.safetensors ([N, D] float64), features.json (ids, network, weights digest, preprocessing, crops)",
+        }]
+    }
+    fn default_resources(&self) -> Resources {
+        gpu_default()
+    }
+    fn runtime(&self) -> Runtime {
+        TORCH
+    }
+    fn validate(&self, p: &VolumeFeaturesParams) -> Result<(), String> {
+        validate_resize(p.resize)?;
+        if let Some(c) = p.crop {
+            if c.iter().any(|&v| v < 8) {
+                return Err(format!("crop: {c:?} must be at least 8 on every axis"));
+            }
+        }
+        if p.crops_per_volume == 0 {
+            return Err("crops_per_volume: must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+fn one() -> usize {
+    1
+}
+
 /// `synthesis_metrics` parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -585,7 +706,8 @@ pub struct SynthesisMetricsParams {
     pub resize: Option<[usize; 3]>,
     /// Compare the generated volumes with random crops of the real ones of the same shape
     /// (for models trained on latent crops, whose samples are crops of a body): this many
-    /// seeded crops per real volume. 0: the real volumes whole.
+    /// seeded crops per real volume. 0: the real volumes whole (or, with `real_features`,
+    /// whatever its `volume_features` stage featurised).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub real_crops_per_volume: usize,
     #[serde(default, skip_serializing_if = "is_zero_u64")]
@@ -606,6 +728,16 @@ impl SynthesisMetricsParams {
     pub fn normalization(&self) -> FeatureNorm {
         self.normalization
             .unwrap_or_else(|| self.network.default_normalization())
+    }
+
+    pub fn features(&self) -> FeatureSettings<'_> {
+        FeatureSettings {
+            network: self.network,
+            weights: &self.weights,
+            normalization: self.normalization(),
+            hu_window: self.hu_window,
+            resize: self.resize,
+        }
     }
 }
 
@@ -629,7 +761,7 @@ pub struct SynthesisMetrics;
 impl Stage for SynthesisMetrics {
     type Params = SynthesisMetricsParams;
     const KIND: &'static str = "synthesis_metrics";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const ABOUT: &'static str = "FID and MMD on whole-volume features of a pretrained 3-D CT network, MS-SSIM diversity of the generated volumes";
     fn inputs(&self) -> Vec<InputSpec> {
         vec![
@@ -642,8 +774,14 @@ impl Stage for SynthesisMetrics {
             InputSpec {
                 name: "real",
                 ty: VOLUMES,
-                arity: Arity::One,
-                doc: "real volumes (for example `resample.volumes`)",
+                arity: Arity::Optional,
+                doc: "real volumes (for example `resample.volumes`); or `real_features`",
+            },
+            InputSpec {
+                name: "real_features",
+                ty: VOLUME_FEATURES,
+                arity: Arity::Optional,
+                doc: "the real volumes' features, computed once by a `volume_features` stage with this stage's network and preprocessing; or `real`",
             },
         ]
     }
@@ -673,11 +811,6 @@ impl Stage for SynthesisMetrics {
                 p.ms_ssim_scales
             ));
         }
-        if let Some(r) = p.resize {
-            if r.iter().any(|&v| v < 8) {
-                return Err(format!("resize: {r:?} must be at least 8 on every axis"));
-            }
-        }
-        Ok(())
+        validate_resize(p.resize)
     }
 }

@@ -19,7 +19,11 @@
 //!   MeDUET's own style domain head `Cls_s` (the paper's "MeDUET's domain classifier"): the
 //!   latent is encoded on grid patches exactly as `extract_factors` does, its style tokens
 //!   pooled, and `Cls_s` picks one of the pretraining's domains; `style_classifier =
-//!   "trained"` uses a `classify_train` classifier (`label_attr = "domain_id"`) instead.
+//!   "style_probe"` applies a logistic regression fitted on the condition bank's pooled
+//!   style vectors (the `probe` stage's classifier; it judges whole-volume style as the
+//!   factors represent it, where `Cls_s` was trained on demixed crops' style tokens);
+//!   `style_classifier = "trained"` uses a `classify_train` classifier (`label_attr =
+//!   "domain_id"`).
 //!
 //! The paper expects Dice to rise with `w_c` and saturate, insensitive to `w_s`, and the hit
 //! rate to rise with `w_s`, insensitive to `w_c`: the summary reports the Spearman rank
@@ -77,6 +81,11 @@ pub enum StyleClassifier {
     Meduet,
     /// A `classify_train` domain classifier on latents (input `classifier`).
     Trained,
+    /// A logistic regression fitted on the condition bank's pooled style vectors and their
+    /// domains (the `probe` stage's classifier), applied to the sample's pooled style from
+    /// the pretrained MeDUET (input `meduet`, the model that made the factors): it judges
+    /// whole-volume style as the factors represent it.
+    StyleProbe,
 }
 
 impl StyleClassifier {
@@ -85,13 +94,14 @@ impl StyleClassifier {
         match self {
             Self::Meduet => "meduet",
             Self::Trained => "trained",
+            Self::StyleProbe => "style_probe",
         }
     }
 
     /// The input this choice reads.
     pub fn input(self) -> &'static str {
         match self {
-            Self::Meduet => "meduet",
+            Self::Meduet | Self::StyleProbe => "meduet",
             Self::Trained => "classifier",
         }
     }
@@ -122,7 +132,8 @@ pub struct GuidanceSweepParams {
     /// Sliding-window overlap of the segmenter and the trained classifier.
     pub overlap: f64,
     pub style_classifier: StyleClassifier,
-    /// The MeDUET weights whose `Cls_s` judges style (`style_classifier = "meduet"`).
+    /// The MeDUET weights that encode the samples' style (`style_classifier = "meduet"` or
+    /// `"style_probe"`).
     pub meduet_weights: Weights,
     /// Grid-patch overlap of the MeDUET encoding (as `extract_factors`).
     pub meduet_overlap: f64,
@@ -562,7 +573,7 @@ impl Stage for GuidanceSweep {
                 name: "meduet",
                 ty: MEDUET,
                 arity: Arity::Optional,
-                doc: "the pretrained MeDUET whose style head judges style (style_classifier = \"meduet\")",
+                doc: "the pretrained MeDUET whose style head judges style (style_classifier = \"meduet\"), or that made the factors (\"style_probe\")",
             },
             InputSpec {
                 name: "classifier",

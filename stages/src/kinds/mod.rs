@@ -25,6 +25,7 @@
 //! | `segment_table`   | Table 2: Dice by model and label fraction (MD, CSV, bar plot)   |
 //! | `diffusion_train` | DiT / SiT on latents, conditioned on MeDUET factors             |
 //! | `sample`          | dual-CFG sampling, VAE decoding, NIfTI + montage                |
+//! | `volume_features` | real volumes' features for FID/MMD, computed once, shared        |
 //! | `synthesis_metrics` | FID, MMD (3-D feature network), MS-SSIM diversity             |
 //! | `synthesis_curve` | Fig. 5: FID against training steps, steps-to-equal-FID ratio    |
 //! | `guidance_sweep`  | Fig. 7: content Dice and style hit rate over dual-CFG weights  |
@@ -56,6 +57,7 @@ pub fn register(r: &mut meduet_engine::Registry) {
         .register(probe::Probe)
         .register(diffusion::DiffusionTrain)
         .register(diffusion::Sample)
+        .register(diffusion::VolumeFeatures)
         .register(diffusion::SynthesisMetrics)
         .register(synthesis_curve::SynthesisCurve)
         .register(guidance::GuidanceSweep)

@@ -34,6 +34,8 @@ pub enum MeduetPreset {
     /// Encoder 96x2, decoder 48x2: CPU quickstart and tests.
     #[default]
     Tiny,
+    /// Encoder 288x2, decoder 288x2: the smallest whose tokens carry a patch (CPU experiments).
+    Small,
     /// The paper: ViT-B encoder 768x12, decoder 384x8.
     VitB,
 }
@@ -42,6 +44,7 @@ impl MeduetPreset {
     pub fn config(self) -> MeduetConfig {
         match self {
             MeduetPreset::Tiny => MeduetConfig::tiny(),
+            MeduetPreset::Small => MeduetConfig::small(),
             MeduetPreset::VitB => MeduetConfig::vit_b(),
         }
     }

@@ -30,6 +30,8 @@ use super::segment::{by_id, label_lut, load_segmenter, read_case, segment_case, 
 use crate::inference::SlidingWindow;
 use crate::models::dit::{Cond, ConditionMode};
 use crate::models::meduet::MeDuet;
+use meduet_stages::analysis::logistic::{cross_validate, fit, Logistic, ProbeResult};
+use meduet_stages::analysis::Matrix;
 
 /// Where a length-`n` axis starts inside a window of `s`: the centre crop when longer, the
 /// centred zero padding (a negative start) when shorter, as training padded latents.
@@ -101,10 +103,123 @@ enum StyleJudge {
         domains: Vec<i64>,
         stride: usize,
     },
+    /// A logistic regression on the pooled style vector, fitted on the condition bank.
+    StyleProbe {
+        _vs: VarStore,
+        model: MeDuet,
+        stride: usize,
+        probe: Logistic,
+        /// Standardisation of the bank's style vectors.
+        mean: Vec<f64>,
+        std: Vec<f64>,
+        /// The domain id of each class.
+        domains: Vec<i64>,
+        /// Its stratified cross-validated accuracy on the bank.
+        cv: ProbeResult,
+    },
+}
+
+/// L2 penalty and iterations of the `style_probe` judge (the `probe` stage's defaults).
+const STYLE_PROBE_L2: f64 = 1e-2;
+const STYLE_PROBE_ITERATIONS: usize = 300;
+
+/// The pooled style vector `[d_s]` of a latent `[C, X, Y, Z]`, encoded as `extract_factors`
+/// does.
+fn pooled_style(
+    model: &MeDuet,
+    data: &[f32],
+    shape: [usize; 4],
+    stride: usize,
+    batch: usize,
+) -> Result<tch::Tensor, StageError> {
+    if shape[0] as i64 != model.config().in_chans {
+        return Err(fail(format!(
+            "latents have {} channels, the MeDUET model {}",
+            shape[0],
+            model.config().in_chans
+        )));
+    }
+    Ok(pooled_factors(model, data, &shape, stride, batch).1)
+}
+
+/// Fits the `style_probe` judge on the bank's style vectors of the subjects whose domain is
+/// known.
+fn fit_style_probe(
+    bank: &ConditionBank,
+    style_dim: i64,
+    domain_of: impl Fn(&str) -> Option<i64>,
+    seed: u64,
+) -> Result<(Logistic, Vec<f64>, Vec<f64>, Vec<i64>, ProbeResult), StageError> {
+    let style = bank
+        .tensors
+        .get(1)
+        .ok_or_else(|| StageError::input("style_probe: the condition bank has no style vectors"))?;
+    if style.size()[1] != style_dim {
+        return Err(StageError::input(format!(
+            "style_probe: the condition bank's style vectors have {} dimensions, the MeDUET model's {style_dim}: connect the MeDUET that made the factors",
+            style.size()[1]
+        )));
+    }
+    let all = Vec::<f64>::try_from(
+        style
+            .to_kind(Kind::Double)
+            .to_device(Device::Cpu)
+            .view([-1]),
+    )
+    .map_err(fail)?;
+    let d = style_dim as usize;
+    let labelled: Vec<(usize, i64)> = bank
+        .subjects
+        .iter()
+        .enumerate()
+        .filter_map(|(i, id)| domain_of(id).map(|dom| (i, dom)))
+        .collect();
+    let mut domains: Vec<i64> = labelled.iter().map(|l| l.1).collect();
+    domains.sort_unstable();
+    domains.dedup();
+    if domains.len() < 2 {
+        return Err(StageError::input(format!(
+            "style_probe: the condition bank has subjects of {} known domain(s); it needs at least 2",
+            domains.len()
+        )));
+    }
+    let rows: Vec<f64> = labelled
+        .iter()
+        .flat_map(|&(i, _)| all[i * d..(i + 1) * d].iter().copied())
+        .collect();
+    let x = Matrix::new(labelled.len(), d, rows);
+    let y: Vec<usize> = labelled
+        .iter()
+        .map(|l| domains.binary_search(&l.1).expect("listed"))
+        .collect();
+    let cv = cross_validate(
+        &x,
+        &y,
+        domains.len(),
+        5,
+        STYLE_PROBE_L2,
+        STYLE_PROBE_ITERATIONS,
+        seed,
+    );
+    let (mean, std) = x.column_stats();
+    let probe = fit(
+        &x.standardized(&mean, &std),
+        &y,
+        domains.len(),
+        STYLE_PROBE_L2,
+        STYLE_PROBE_ITERATIONS,
+    );
+    Ok((probe, mean, std, domains, cv))
 }
 
 impl StyleJudge {
-    fn load(p: &GuidanceSweepParams, ctx: &StageContext, dev: Device) -> Result<Self, StageError> {
+    fn load(
+        p: &GuidanceSweepParams,
+        ctx: &StageContext,
+        dev: Device,
+        bank: &ConditionBank,
+        domain_of: impl Fn(&str) -> Option<i64>,
+    ) -> Result<Self, StageError> {
         let wanted = p.style_classifier.input();
         for name in ["meduet", "classifier"] {
             let connected = !ctx.inputs(name).is_empty();
@@ -155,6 +270,26 @@ impl StyleJudge {
                     stride,
                 })
             }
+            StyleClassifier::StyleProbe => {
+                let (vs, model, _) = load_meduet(dir, p.meduet_weights, dev)?;
+                let (probe, mean, std, domains, cv) =
+                    fit_style_probe(bank, model.config().style_out_dim(), domain_of, p.seed)?;
+                tracing::info!(
+                    "style probe on the bank's style vectors: cross-validated accuracy {:.3} (chance {:.3}, {} subjects, {} domains)",
+                    cv.accuracy, cv.chance_accuracy, cv.samples, cv.classes
+                );
+                let stride = grid_stride(model.config().crop as usize, p.meduet_overlap);
+                Ok(Self::StyleProbe {
+                    _vs: vs,
+                    model,
+                    stride,
+                    probe,
+                    mean,
+                    std,
+                    domains,
+                    cv,
+                })
+            }
         }
     }
 
@@ -162,7 +297,7 @@ impl StyleJudge {
     fn domains(&self) -> &[i64] {
         match self {
             Self::Trained(c) => &c.values,
-            Self::Meduet { domains, .. } => domains,
+            Self::Meduet { domains, .. } | Self::StyleProbe { domains, .. } => domains,
         }
     }
 
@@ -193,14 +328,7 @@ impl StyleJudge {
                 stride,
                 ..
             } => {
-                if shape[0] as i64 != model.config().in_chans {
-                    return Err(fail(format!(
-                        "latents have {} channels, the MeDUET model {}",
-                        shape[0],
-                        model.config().in_chans
-                    )));
-                }
-                let (_, style, _) = pooled_factors(model, &data, &shape, *stride, batch);
+                let style = pooled_style(model, &data, shape, *stride, batch)?;
                 let logits = model
                     .style_domain_logits(&style.unsqueeze(0))
                     .expect("checked at load")
@@ -211,6 +339,22 @@ impl StyleJudge {
                     Vec::<f64>::try_from(logits).map_err(fail)?,
                     domains.as_slice(),
                 )
+            }
+            Self::StyleProbe {
+                model,
+                stride,
+                probe,
+                mean,
+                std,
+                domains,
+                ..
+            } => {
+                let style = pooled_style(model, &data, shape, *stride, batch)?;
+                let v = Vec::<f64>::try_from(style.to_kind(Kind::Double).to_device(Device::Cpu))
+                    .map_err(fail)?;
+                let x = Matrix::new(1, v.len(), v).standardized(mean, std);
+                let p = probe.predict_proba(&x).remove(0);
+                (p, domains.as_slice())
             }
         };
         let arg = (0..p.len())
@@ -227,6 +371,11 @@ impl StyleJudge {
             }),
             Self::Meduet { domains, .. } => serde_json::json!({
                 "kind": "meduet Cls_s on pooled style tokens", "classes": domains,
+            }),
+            Self::StyleProbe { domains, cv, .. } => serde_json::json!({
+                "kind": "logistic regression on pooled style vectors, fitted on the condition bank",
+                "classes": domains, "l2": STYLE_PROBE_L2, "iterations": STYLE_PROBE_ITERATIONS,
+                "bank_cross_validated": cv,
             }),
         }
     }
@@ -259,10 +408,10 @@ pub fn run(
             "the segmenter is a UNETR on latents: connect a 'latents' input (the references' latents)",
         ));
     }
-    let judge = StyleJudge::load(p, ctx, dev)?;
     let volumes = by_id(&ctx.input("volumes")?.items);
     let domain_of =
         |id: &str| -> Option<i64> { volumes.get(id).and_then(|it| it.attr_i64("domain_id")) };
+    let judge = StyleJudge::load(p, ctx, dev, &bank, domain_of)?;
     let usable = |id: &String| {
         bank.row(id).is_some()
             && domain_of(id).is_some()
@@ -588,5 +737,76 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("2 channels"), "{e}");
+    }
+
+    #[test]
+    fn style_probe_judge_names_the_domain_of_the_pooled_style() {
+        let cfg = MeduetConfig {
+            crop: 8,
+            n_domains: 3,
+            ..MeduetConfig::tiny()
+        };
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let model = MeDuet::new(&vs.root(), &cfg).unwrap();
+        let _ng = tch::no_grad_guard();
+        // Four 8^3 latents for each of domains 2, 5, 7, the domain shifting the intensities.
+        let c = cfg.in_chans as usize;
+        let (mut subjects, mut latents, mut styles) = (vec![], vec![], vec![]);
+        for (k, dom) in [2i64, 5, 7].iter().enumerate() {
+            for i in 0..4 {
+                let x =
+                    Tensor::randn([c as i64, 8, 8, 8], (Kind::Float, Device::Cpu)) + 3.0 * k as f64;
+                let data: Vec<f32> = Vec::try_from(x.view([-1])).unwrap();
+                styles.push(pooled_factors(&model, &data, &[c, 8, 8, 8], 8, 1).1);
+                subjects.push(format!("d{dom}_{i}"));
+                latents.push((data, *dom));
+            }
+        }
+        let bank = ConditionBank {
+            mode: ConditionMode::Factors,
+            subjects: subjects.clone(),
+            tensors: vec![
+                Tensor::zeros([12, 4], (Kind::Float, Device::Cpu)),
+                Tensor::stack(&styles, 0),
+            ],
+            components: vec![],
+        };
+        let domain_of = |id: &str| {
+            id[1..]
+                .split('_')
+                .next()
+                .and_then(|d| d.parse::<i64>().ok())
+        };
+        let ds = model.config().style_out_dim();
+        let (probe, mean, std, domains, cv) = fit_style_probe(&bank, ds, domain_of, 0).unwrap();
+        assert_eq!(domains, vec![2, 5, 7]);
+        assert_eq!((cv.samples, cv.classes), (12, 3));
+        let judge = StyleJudge::StyleProbe {
+            _vs: vs,
+            model,
+            stride: 8,
+            probe,
+            mean,
+            std,
+            domains,
+            cv,
+        };
+        for (data, dom) in latents {
+            let got = judge
+                .predict(Arc::new(data), [c, 8, 8, 8], 0.5, 2, Device::Cpu)
+                .unwrap();
+            assert_eq!(got, dom);
+        }
+        assert_eq!(judge.describe()["classes"], serde_json::json!([2, 5, 7]));
+        // A bank from another model's style width, and a bank of one domain, are refused.
+        let e = fit_style_probe(&bank, ds + 1, domain_of, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the MeDUET that made the factors"), "{e}");
+        let e = fit_style_probe(&bank, ds, |id: &str| id.starts_with("d2").then_some(2), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1 known domain"), "{e}");
     }
 }

@@ -8,6 +8,7 @@
 //! | `segment_train`, `segment_eval` | [`segment`] |
 //! | `classify_train`, `classify_eval` | [`classify`] |
 //! | `diffusion_train`, `sample` | [`diffusion`] |
+//! | `volume_features` | [`volume_features`] |
 //! | `synthesis_metrics` | [`synthesis`] |
 //! | `guidance_sweep` | [`guidance`] |
 //!
@@ -23,6 +24,7 @@ pub mod segment;
 pub mod style_augment;
 pub mod synthesis;
 pub mod vae;
+pub mod volume_features;
 
 use meduet_engine::{Implementation, Registry};
 use meduet_stages::kinds;
@@ -48,6 +50,10 @@ pub fn implement(r: &mut Registry) {
     r.implement(
         kinds::diffusion::Sample,
         Implementation::run(diffusion::sample),
+    );
+    r.implement(
+        kinds::diffusion::VolumeFeatures,
+        Implementation::run(volume_features::run),
     );
     r.implement(
         kinds::diffusion::SynthesisMetrics,

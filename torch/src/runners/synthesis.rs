@@ -1,10 +1,10 @@
 //! `synthesis_metrics`: FID and MMD between real and generated volumes on whole-volume
-//! features of a pretrained 3-D network, and MS-SSIM diversity over pairs of generated
-//! volumes (method.md section 8, protocol A).
+//! features of a pretrained 3-D network ([`super::volume_features`]), and MS-SSIM diversity
+//! over pairs of generated volumes (method.md section 8, protocol A). The real side is
+//! featurised here (`real`) or read from a `volume_features` stage (`real_features`), which
+//! must have used the same network, weights and preprocessing.
 //!
-//! Each volume is clipped to [0, 1] (the HU window of the data), optionally resized
-//! (trilinear) and z-scored (`normalization`), then goes through the feature network
-//! (global-average-pooled layer4). FID uses the Fréchet formula on the feature means and
+//! FID uses the Fréchet formula on the feature means and
 //! covariances, MMD the unbiased Gaussian-kernel estimate with the median-heuristic
 //! bandwidth (`meduet_stages::analysis::synthesis`). MS-SSIM (kernel 7, sigma 1.5, data
 //! range 1, MONAI's weights) is averaged over ordered pairs `i != j` of generated volumes.
@@ -12,15 +12,80 @@
 
 use meduet_engine::{StageContext, StageError};
 use meduet_stages::analysis::synthesis::{fid, median_bandwidth, mmd2_gaussian};
-use meduet_stages::analysis::Matrix;
-use meduet_stages::data::zarr_store::read_zarr;
 use meduet_stages::kinds::diffusion::*;
-use meduet_stages::kinds::resample::IMAGE_ZARR;
-use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::common::{device, fail, write_json};
-use crate::models::resnet3d::ResNet3d;
+use super::common::{device, write_json};
+use super::volume_features::{
+    random_crops, read_volumes, FeatureExtractor, NamedVolume, StoredFeatures,
+};
+
+/// The real side of the comparison: volumes to featurise here, or features computed once
+/// by a `volume_features` stage.
+enum RealSide {
+    Volumes((Vec<NamedVolume>, Option<[f64; 2]>)),
+    Stored(Box<StoredFeatures>),
+}
+
+impl RealSide {
+    fn volumes_to_featurise(&self, crops_per_volume: usize) -> usize {
+        match self {
+            RealSide::Volumes((v, _)) => v.len() * crops_per_volume.max(1),
+            RealSide::Stored(_) => 0,
+        }
+    }
+}
+
+/// Stored real features are comparable only when made by the same network and weights,
+/// with the same preprocessing, and (for crops) of the generated volumes' shape.
+fn check_stored(
+    stored: &StoredFeatures,
+    p: &SynthesisMetricsParams,
+    network: &serde_json::Value,
+    prep: &serde_json::Value,
+    gen_shape: impl FnOnce() -> Result<[usize; 3], StageError>,
+) -> Result<(), StageError> {
+    if p.real_crops_per_volume > 0 {
+        return Err(StageError::input(
+            "real_crops_per_volume: with `real_features` the crops are its volume_features              stage's (`crop`, `crops_per_volume`); set them there",
+        ));
+    }
+    for key in ["network", "weights_digest"] {
+        if stored.feature_network[key] != network[key] {
+            return Err(StageError::input(format!(
+                "real_features: made with {key} {}, this stage uses {}",
+                stored.feature_network[key], network[key]
+            )));
+        }
+    }
+    let own = prep.as_object().expect("preprocessing is an object");
+    for (key, want) in own {
+        if &stored.preprocessing[key] != want {
+            let hint = if key == "data_hu_window" {
+                " (give hu_window to one or both)"
+            } else {
+                ""
+            };
+            return Err(StageError::input(format!(
+                "real_features: made with preprocessing {key} = {}, this stage uses {want}{hint}",
+                stored.preprocessing[key]
+            )));
+        }
+    }
+    if let Some(crop) = stored.preprocessing["crop"]
+        .as_array()
+        .filter(|c| !c.is_empty())
+    {
+        let shape = gen_shape()?;
+        let crop: Vec<u64> = crop.iter().filter_map(|v| v.as_u64()).collect();
+        if crop != shape.map(|v| v as u64) {
+            return Err(StageError::input(format!(
+                "real_features: crops of {crop:?}, the generated volumes are {shape:?} (set its volume_features stage's crop)"
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// MONAI's MS-SSIM scale weights.
 pub const MS_SSIM_WEIGHTS: [f64; 5] = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333];
@@ -71,108 +136,6 @@ pub fn ms_ssim_3d(x: &Tensor, y: &Tensor, data_range: f64, kernel: i64, scales: 
     acc
 }
 
-/// The volumes, and the HU window their intensities were mapped from when every one
-/// records the same (`resample`'s `intensity.window`).
-fn read_volumes(
-    items: &[meduet_engine::Item],
-) -> Result<(Vec<NamedVolume>, Option<[f64; 2]>), StageError> {
-    let mut windows = Vec::new();
-    let vols = items
-        .iter()
-        .map(|it| {
-            let (v, attrs) =
-                read_zarr::<f32>(&it.dir.join(IMAGE_ZARR)).map_err(StageError::input)?;
-            windows.push(
-                attrs
-                    .get("intensity")
-                    .and_then(|i| i.get("window"))
-                    .and_then(|w| serde_json::from_value::<[f64; 2]>(w.clone()).ok()),
-            );
-            Ok((it.id.clone(), v.data, v.shape))
-        })
-        .collect::<Result<Vec<_>, StageError>>()?;
-    let window = match windows.first() {
-        Some(Some(w)) if windows.iter().all(|v| v.as_ref() == Some(w)) => Some(*w),
-        _ => None,
-    };
-    Ok((vols, window))
-}
-
-/// Maps [0, 1] intensities made from the HU window `from` onto [0, 1] of the window `to`.
-fn rewindow(t: Tensor, from: [f64; 2], to: [f64; 2]) -> Tensor {
-    let hu = t * (from[1] - from[0]) + from[0];
-    ((hu - to[0]) / (to[1] - to[0])).clamp(0.0, 1.0)
-}
-
-fn prep(
-    data: &[f32],
-    shape: [usize; 3],
-    p: &SynthesisMetricsParams,
-    rewindow_from: Option<[f64; 2]>,
-    dev: Device,
-) -> Tensor {
-    let s = shape.map(|v| v as i64);
-    let mut t = Tensor::from_slice(data)
-        .view([1, 1, s[0], s[1], s[2]])
-        .to_device(dev)
-        .clamp(0.0, 1.0);
-    if let (Some(from), Some(to)) = (rewindow_from, p.network.input_hu_window()) {
-        t = rewindow(t, from, to);
-    }
-    if let Some(r) = p.resize {
-        t = t.upsample_trilinear3d(r.map(|v| v as i64), false, None, None, None);
-    }
-    if p.normalization() == FeatureNorm::Zscore {
-        let m = t.mean(Kind::Float);
-        let sd = t.std(true);
-        t = (t - m) / (sd + 1e-5);
-    }
-    t
-}
-
-type NamedVolume = (String, Vec<f32>, [usize; 3]);
-
-/// `per_volume` seeded random crops of every real volume, of the generated volumes' (common)
-/// shape.
-fn random_crops(
-    real: &[NamedVolume],
-    gen: &[NamedVolume],
-    per_volume: usize,
-    seed: u64,
-) -> Result<Vec<NamedVolume>, StageError> {
-    use rand::{Rng, SeedableRng};
-    let shape = gen[0].2;
-    if let Some(g) = gen.iter().find(|g| g.2 != shape) {
-        return Err(StageError::input(format!(
-            "real_crops_per_volume: the generated volumes differ in shape ('{}' {:?}, '{}' {:?})",
-            gen[0].0, shape, g.0, g.2
-        )));
-    }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut out = Vec::with_capacity(real.len() * per_volume);
-    for (id, data, s) in real {
-        if (0..3).any(|a| s[a] < shape[a]) {
-            return Err(StageError::input(format!(
-                "real_crops_per_volume: real volume '{id}' {s:?} is smaller than the generated {shape:?}"
-            )));
-        }
-        for k in 0..per_volume {
-            let o: Vec<usize> = (0..3)
-                .map(|a| rng.random_range(0..=s[a] - shape[a]))
-                .collect();
-            let mut crop = Vec::with_capacity(shape.iter().product());
-            for x in 0..shape[0] {
-                for y in 0..shape[1] {
-                    let row = ((o[0] + x) * s[1] + o[1] + y) * s[2] + o[2];
-                    crop.extend_from_slice(&data[row..row + shape[2]]);
-                }
-            }
-            out.push((format!("{id}#crop{k}"), crop, shape));
-        }
-    }
-    Ok(out)
-}
-
 pub fn run(
     _: &SynthesisMetrics,
     p: &SynthesisMetricsParams,
@@ -180,28 +143,20 @@ pub fn run(
 ) -> Result<(), StageError> {
     let dev = device(ctx);
     let gen_items = ctx.input("generated")?.items.clone();
-    let real_items = ctx.input("real")?.items.clone();
-    if gen_items.len() < 2 || real_items.len() < 2 {
-        return Err(StageError::input(format!(
-            "FID and MMD need at least 2 volumes per set (generated {}, real {})",
-            gen_items.len(),
-            real_items.len()
-        )));
-    }
-    let src = ctx.source(&p.weights)?.clone();
-    let wfile = src.root.clone();
-    let mut vs = VarStore::new(dev);
-    let net = ResNet3d::new(&vs.root(), p.network);
-    vs.load(&wfile).map_err(|e| {
-        StageError::input(format!(
-            "weights '{}' do not fit {:?} (hint: make them with {}): {e}",
-            wfile.display(),
-            p.network,
-            p.network.converter()
-        ))
-    })?;
-    vs.freeze();
-    let _ng = tch::no_grad_guard();
+    let real_items = ctx.inputs("real").first().map(|a| a.items.clone());
+    let stored_dir = ctx.inputs("real_features").first().map(|a| a.dir.clone());
+    let real_side = match (real_items, stored_dir) {
+        (Some(items), None) => RealSide::Volumes(read_volumes(&items)?),
+        (None, Some(dir)) => RealSide::Stored(Box::new(StoredFeatures::read(&dir)?)),
+        (Some(_), Some(_)) => return Err(StageError::input(
+            "inputs: give `real` (volumes) or `real_features` (a volume_features stage), not both",
+        )),
+        (None, None) => {
+            return Err(StageError::input(
+                "inputs: `real` (volumes) or `real_features` (a volume_features stage) is required",
+            ))
+        }
+    };
     // What made the generated volumes (the `sample` stage's item attributes), when they
     // agree across items: synthesis_curve plots the metric against it.
     let from = |key: &str| -> serde_json::Value {
@@ -216,35 +171,53 @@ pub fn run(
         "method": from("method"), "init": from("init"), "training_step": from("training_step"),
     });
     let (gen, _) = read_volumes(&gen_items)?;
-    let (mut real, real_window) = read_volumes(&real_items)?;
-    let data_window = p.hu_window.or(real_window);
-    if p.network.input_hu_window().is_some() && data_window.is_none() {
+    let recorded_window = match &real_side {
+        RealSide::Volumes((_, w)) => *w,
+        RealSide::Stored(s) => serde_json::from_value(s.preprocessing["data_hu_window"].clone())
+            .ok()
+            .flatten(),
+    };
+    let fx = FeatureExtractor::load(ctx, p.features(), recorded_window)?;
+    let (network, mut prep) = fx.record();
+    let gen_shape = |what: &str| -> Result<[usize; 3], StageError> {
+        let shape = gen.first().map(|g| g.2).unwrap_or_default();
+        match gen.iter().find(|g| g.2 != shape) {
+            Some(g) => Err(StageError::input(format!(
+                "{what}: the generated volumes differ in shape ('{}' {:?}, '{}' {:?})",
+                gen[0].0, shape, g.0, g.2
+            ))),
+            None => Ok(shape),
+        }
+    };
+    let bar = ctx.progress(
+        (gen.len() + real_side.volumes_to_featurise(p.real_crops_per_volume)) as u64,
+        "volumes",
+    );
+    let fr = match real_side {
+        RealSide::Volumes((mut real, _)) => {
+            if p.real_crops_per_volume > 0 {
+                let shape = gen_shape("real_crops_per_volume")?;
+                real = random_crops(&real, shape, p.real_crops_per_volume, p.seed)?;
+            }
+            prep["real_crops_per_volume"] = serde_json::json!(p.real_crops_per_volume);
+            prep["seed"] = serde_json::json!(p.seed);
+            fx.features(&real, ctx, &bar)?
+        }
+        RealSide::Stored(stored) => {
+            check_stored(&stored, p, &network, &prep, || gen_shape("real_features"))?;
+            prep["real_features"] = stored.preprocessing.clone();
+            stored.features
+        }
+    };
+    let fg = fx.features(&gen, ctx, &bar)?;
+    bar.finish_and_clear();
+    if gen.len() < 2 || fr.rows < 2 {
         return Err(StageError::input(format!(
-            "hu_window: {:?} expects intensities from the HU window {:?}, and the real volumes \
-             record no common `intensity.window`: give hu_window = [low, high]",
-            p.network,
-            p.network.input_hu_window().unwrap()
+            "FID and MMD need at least 2 volumes per set (generated {}, real {})",
+            gen.len(),
+            fr.rows
         )));
     }
-    if p.real_crops_per_volume > 0 {
-        real = random_crops(&real, &gen, p.real_crops_per_volume, p.seed)?;
-    }
-    let bar = ctx.progress((gen.len() + real.len()) as u64, "volumes");
-    let feats = |set: &[NamedVolume]| -> Result<Matrix, StageError> {
-        let mut rows = Vec::new();
-        for (_, d, s) in set {
-            ctx.check_cancelled()?;
-            let f = net
-                .features(&prep(d, *s, p, data_window, dev))
-                .to_kind(Kind::Double);
-            rows.extend(Vec::<f64>::try_from(f.view([-1]).to_device(Device::Cpu)).map_err(fail)?);
-            bar.inc(1);
-        }
-        Ok(Matrix::new(set.len(), net.feature_dim as usize, rows))
-    };
-    let fr = feats(&real)?;
-    let fg = feats(&gen)?;
-    bar.finish_and_clear();
     let fid_v = fid(&fr, &fg);
     let h = median_bandwidth(&fr, &fg);
     let mmd = mmd2_gaussian(&fr, &fg, h);
@@ -287,17 +260,9 @@ pub fn run(
     let out = ctx.output_dir("report")?;
     let report = serde_json::json!({
         "fid": fid_v, "mmd": mmd, "mmd_bandwidth": h, "ms_ssim": ms_mean, "ms_ssim_pairs": ms.len(),
-        "generated": gen.len(), "real": real.len(), "generated_from": generated_from,
-        "feature_network": {
-            "network": p.network, "weights_digest": src.digest.to_hex(),
-            "feature_dim": net.feature_dim, "pooling": "global average of layer4",
-        },
-        "preprocessing": {
-            "clip": [0.0, 1.0], "resize": p.resize, "normalization": p.normalization(),
-            "real_crops_per_volume": p.real_crops_per_volume, "seed": p.seed,
-            "data_hu_window": data_window,
-            "rewindowed_to": p.network.input_hu_window().filter(|_| data_window.is_some()),
-        },
+        "generated": gen.len(), "real": fr.rows, "generated_from": generated_from,
+        "feature_network": network,
+        "preprocessing": prep,
         "ms_ssim_settings": {"kernel": p.ms_ssim_kernel, "sigma": 1.5, "scales": p.ms_ssim_scales,
                               "data_range": 1.0, "weights": &MS_SSIM_WEIGHTS[..p.ms_ssim_scales]},
         "mmd_kernel": "gaussian, unbiased, bandwidth = median pooled pairwise distance",
@@ -309,8 +274,8 @@ pub fn run(
             "| metric | value |\n|---|---|\n| FID | {fid_v:.4} |\n| MMD^2 | {mmd:.5} |\n| MS-SSIM (generated pairs) | {ms_mean:.4} |\n\n\
              Features: {:?} (digest {}), {} real vs {} generated volumes, clip [0, 1], resize {:?}, {:?}.\n",
             p.network,
-            &src.digest.to_hex()[..12],
-            real.len(),
+            &network["weights_digest"].as_str().unwrap_or_default()[..12],
+            fr.rows,
             gen.len(),
             p.resize,
             p.normalization()
@@ -326,30 +291,64 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meduet_stages::analysis::Matrix;
 
     #[test]
-    fn rewindow_maps_between_hu_windows() {
-        // [0, 1] from [-175, 250] HU onto Merlin's [-1000, 1000]: -175 HU -> 0.4125,
-        // 250 HU -> 0.625, and back to the identity for equal windows.
-        let t = Tensor::from_slice(&[0.0f32, 0.5, 1.0]);
-        let got = Vec::<f32>::try_from(rewindow(
-            t.shallow_clone(),
-            [-175.0, 250.0],
-            [-1000.0, 1000.0],
-        ))
+    fn stored_features_must_match_network_preprocessing_and_shape() {
+        let p: SynthesisMetricsParams = serde_json::from_value(serde_json::json!({
+            "network": "medicalnet_resnet10", "weights": "w.safetensors",
+        }))
         .unwrap();
-        for (g, w) in got.iter().zip([0.4125f32, 0.51875, 0.625]) {
-            assert!((g - w).abs() < 1e-6, "{got:?}");
-        }
-        // A narrower target window clips.
-        let got = Vec::<f32>::try_from(rewindow(
-            t.shallow_clone(),
-            [-1000.0, 1000.0],
-            [-100.0, 100.0],
-        ))
-        .unwrap();
-        assert_eq!(got, vec![0.0, 0.5, 1.0]);
-        let same = Vec::<f32>::try_from(rewindow(t, [-175.0, 250.0], [-175.0, 250.0])).unwrap();
-        assert_eq!(same, vec![0.0, 0.5, 1.0]);
+        let network = serde_json::json!({"network": "medicalnet_resnet10", "weights_digest": "ab"});
+        let prep =
+            serde_json::json!({"clip": [0.0, 1.0], "resize": null, "normalization": "zscore"});
+        let stored =
+            |net: serde_json::Value, mut pre: serde_json::Value, crop: serde_json::Value| {
+                pre["crop"] = crop;
+                StoredFeatures {
+                    features: Matrix::new(2, 1, vec![0.0, 1.0]),
+                    ids: vec!["a".into(), "b".into()],
+                    feature_network: net,
+                    preprocessing: pre,
+                }
+            };
+        let shape = || Ok([64, 64, 32]);
+        let ok = stored(
+            network.clone(),
+            prep.clone(),
+            serde_json::json!([64, 64, 32]),
+        );
+        check_stored(&ok, &p, &network, &prep, shape).unwrap();
+        let err = |s: &StoredFeatures, p: &SynthesisMetricsParams| {
+            check_stored(s, p, &network, &prep, shape)
+                .unwrap_err()
+                .to_string()
+        };
+        let other_net =
+            serde_json::json!({"network": "medicalnet_resnet10", "weights_digest": "cd"});
+        let e = err(
+            &stored(other_net, prep.clone(), serde_json::Value::Null),
+            &p,
+        );
+        assert!(e.contains("weights_digest"), "{e}");
+        let mut unit = prep.clone();
+        unit["normalization"] = "unit".into();
+        let e = err(&stored(network.clone(), unit, serde_json::Value::Null), &p);
+        assert!(e.contains("normalization"), "{e}");
+        let e = err(
+            &stored(
+                network.clone(),
+                prep.clone(),
+                serde_json::json!([32, 32, 32]),
+            ),
+            &p,
+        );
+        assert!(e.contains("crops of [32, 32, 32]"), "{e}");
+        let crops = SynthesisMetricsParams {
+            real_crops_per_volume: 2,
+            ..p.clone()
+        };
+        let e = err(&ok, &crops);
+        assert!(e.contains("real_crops_per_volume"), "{e}");
     }
 }
