@@ -241,6 +241,13 @@ impl StoredFeatures {
                 dir.join(FEATURES_RECORD).display()
             ))
         })?;
+        if ids.len() != rows {
+            return Err(StageError::input(format!(
+                "'{}': {} ids for {rows} feature rows",
+                dir.display(),
+                ids.len()
+            )));
+        }
         Ok(Self {
             features: Matrix::new(rows, cols, data),
             ids,

@@ -103,7 +103,19 @@ impl Checkpoints {
     /// Loads `file` of checkpoint folder `dir` into `vs` (every variable must be present).
     pub fn load_into(dir: &Path, file: &str, vs: &mut VarStore) -> Result<(), CheckpointError> {
         let p = dir.join(file);
-        vs.load(&p).map_err(|e| cerr(&p, e))
+        vs.load(&p).map_err(|e| {
+            // The first line of libtorch's message names the variable; its stack trace is noise.
+            let e = e.to_string();
+            let first = e.lines().next().unwrap_or_default().to_string();
+            let scratch = dir.parent().unwrap_or(dir);
+            cerr(
+                &p,
+                format!(
+                    "{first}: the checkpoint does not fit this model (written by a build whose                      preset differed?); delete '{}' to train from the start",
+                    scratch.display()
+                ),
+            )
+        })
     }
 
     /// The `state.json` of a checkpoint folder.
@@ -148,6 +160,14 @@ mod tests {
         let w2 = vs2.root().var("w", &[2], tch::nn::Init::Const(0.0));
         Checkpoints::load_into(&dir, "model.safetensors", &mut vs2).unwrap();
         assert_eq!(Vec::<f32>::try_from(&w2).unwrap(), vec![5.0, 6.0]);
+        // A model of another size is refused with the fix, not a stack trace.
+        let mut vs3 = VarStore::new(tch::Device::Cpu);
+        vs3.root().var("w", &[3], tch::nn::Init::Const(0.0));
+        let e = Checkpoints::load_into(&dir, "model.safetensors", &mut vs3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not fit this model") && e.contains("delete"), "{e}");
+        assert!(!e.contains("frame #"), "{e}");
         let n = std::fs::read_dir(d.path())
             .unwrap()
             .filter(|e| {
