@@ -815,7 +815,7 @@ fn tiny_train_sample_pipeline() {
     );
     assert!(fid.is_finite() && fid >= 0.0 && mmd.is_finite());
     assert!((0.0..=1.0).contains(&ms), "{ms}");
-    assert_eq!(m["ms_ssim_pairs"], 6);
+    assert_eq!(m["ms_ssim_pairs"], 3);
     assert_eq!(m["feature_network"]["network"], "medicalnet_resnet10");
     assert_eq!(m["feature_network"]["feature_dim"], 512);
     assert_eq!(m["preprocessing"]["normalization"], "zscore");
@@ -999,4 +999,6 @@ fn ms_ssim_matches_monai() {
     println!("MS-SSIM 3 scales: ours {got:.6}, MONAI {want:.6}");
     assert!((got - want).abs() < 1e-4, "{got} vs {want}");
     assert!((ms_ssim_3d(&x, &x, 1.0, 7, 3) - 1.0).abs() < 1e-5);
+    // Symmetric (the metrics stage scores each unordered pair once).
+    assert!((ms_ssim_3d(&x, &y, 1.0, 7, 3) - got).abs() < 1e-12);
 }

@@ -88,6 +88,16 @@ pub enum Method {
     Sit,
 }
 
+impl Method {
+    /// How people write it: "DiT", "SiT".
+    pub fn label(self) -> &'static str {
+        match self {
+            Method::Dit => "DiT",
+            Method::Sit => "SiT",
+        }
+    }
+}
+
 /// How the DiT is initialised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -315,6 +325,18 @@ pub enum Sampler {
     Sde,
     /// Deterministic probability-flow ODE of the SiT velocity field (fixed steps).
     Ode,
+}
+
+impl Sampler {
+    /// How people write it: "DDPM", "SDE", "ODE".
+    pub fn label(self) -> &'static str {
+        match self {
+            Sampler::Auto => "auto",
+            Sampler::Ddpm => "DDPM",
+            Sampler::Sde => "SDE",
+            Sampler::Ode => "ODE",
+        }
+    }
 }
 
 /// Fixed-step ODE integrator.
@@ -718,7 +740,8 @@ pub struct SynthesisMetricsParams {
     pub ms_ssim_kernel: usize,
     #[serde(default = "five")]
     pub ms_ssim_scales: usize,
-    /// At most this many generated pairs for MS-SSIM (all ordered pairs when 0).
+    /// At most this many generated pairs for MS-SSIM (all unordered pairs when 0; MS-SSIM is
+    /// symmetric).
     #[serde(default)]
     pub ms_ssim_max_pairs: usize,
 }

@@ -1005,8 +1005,12 @@ pub fn sample(_: &Sample, p: &SampleParams, ctx: &mut StageContext) -> Result<()
         montage(
             &vol_root.join("montage.png"),
             &format!(
-                "{:?} samples ({:?}, {} steps, w_c {} w_s {})",
-                ld.method, sampler, p.steps, p.guidance.content, p.guidance.style
+                "{} samples ({}, {} steps, w_c {} w_s {})",
+                ld.method.label(),
+                sampler.label(),
+                p.steps,
+                p.guidance.content,
+                p.guidance.style
             ),
             &montage_rows,
             160,

@@ -108,32 +108,61 @@ fn filt(x: &Tensor, k: &Tensor) -> Tensor {
     y
 }
 
+/// A volume's per-scale quantities that MS-SSIM reuses across every pair it is in: the
+/// volume at each scale, its local means and variances under the Gaussian window.
+pub struct MsSsimStats {
+    kernel: Tensor,
+    /// Per scale: (volume, local mean, local variance).
+    levels: Vec<(Tensor, Tensor, Tensor)>,
+}
+
+impl MsSsimStats {
+    /// `x` is `[1, 1, D, H, W]`; Gaussian window of size `kernel`, sigma 1.5; `scales` levels
+    /// with 2x average pooling between them.
+    pub fn new(x: &Tensor, kernel: i64, scales: usize) -> Self {
+        let k = gaussian(kernel, 1.5, x.device());
+        let mut x = x.to_kind(Kind::Float);
+        let mut levels = Vec::with_capacity(scales);
+        for i in 0..scales {
+            let mu = filt(&x, &k);
+            let var = filt(&(&x * &x), &k) - &mu * &mu;
+            let next = (i + 1 < scales)
+                .then(|| x.avg_pool3d([2; 3], [2; 3], [0; 3], false, true, None::<i64>));
+            levels.push((x.shallow_clone(), mu, var));
+            if let Some(n) = next {
+                x = n;
+            }
+        }
+        Self { kernel: k, levels }
+    }
+
+    /// MS-SSIM against `other` (same shape, kernel and scales), as MONAI's
+    /// `MultiScaleSSIMMetric` (k1 0.01, k2 0.03, the first `scales` of MONAI's weights).
+    /// Symmetric: `a.ms_ssim(b) == b.ms_ssim(a)`.
+    pub fn ms_ssim(&self, other: &MsSsimStats, data_range: f64) -> f64 {
+        let (c1, c2) = ((0.01 * data_range).powi(2), (0.03 * data_range).powi(2));
+        let scales = self.levels.len();
+        let mut acc = 1.0;
+        for (i, ((x, mx, sxx), (y, my, syy))) in self.levels.iter().zip(&other.levels).enumerate() {
+            let sxy = filt(&(x * y), &self.kernel) - mx * my;
+            let cs = (&sxy * 2.0 + c2) / (sxx + syy + c2);
+            let v = if i + 1 < scales {
+                cs.mean(Kind::Float).double_value(&[])
+            } else {
+                let l = (mx * my * 2.0 + c1) / (mx * mx + my * my + c1);
+                (l * cs).mean(Kind::Float).double_value(&[])
+            };
+            acc *= v.max(0.0).powf(MS_SSIM_WEIGHTS[i]);
+        }
+        acc
+    }
+}
+
 /// 3-D MS-SSIM of two `[1, 1, D, H, W]` volumes as MONAI's `MultiScaleSSIMMetric`
 /// (Gaussian kernel `kernel`, sigma 1.5, k1 0.01, k2 0.03, `scales` levels with 2x average
 /// pooling between them, the first `scales` of MONAI's weights).
 pub fn ms_ssim_3d(x: &Tensor, y: &Tensor, data_range: f64, kernel: i64, scales: usize) -> f64 {
-    let k = gaussian(kernel, 1.5, x.device());
-    let (c1, c2) = ((0.01 * data_range).powi(2), (0.03 * data_range).powi(2));
-    let (mut x, mut y) = (x.to_kind(Kind::Float), y.to_kind(Kind::Float));
-    let mut acc = 1.0;
-    for (i, w) in MS_SSIM_WEIGHTS.iter().take(scales).enumerate() {
-        let (mx, my) = (filt(&x, &k), filt(&y, &k));
-        let sxx = filt(&(&x * &x), &k) - &mx * &mx;
-        let syy = filt(&(&y * &y), &k) - &my * &my;
-        let sxy = filt(&(&x * &y), &k) - &mx * &my;
-        let cs = (&sxy * 2.0 + c2) / (&sxx + &syy + c2);
-        let v = if i + 1 < scales {
-            let v = cs.mean(Kind::Float).double_value(&[]);
-            x = x.avg_pool3d([2; 3], [2; 3], [0; 3], false, true, None::<i64>);
-            y = y.avg_pool3d([2; 3], [2; 3], [0; 3], false, true, None::<i64>);
-            v
-        } else {
-            let l = (&mx * &my * 2.0 + c1) / (&mx * &mx + &my * &my + c1);
-            (l * cs).mean(Kind::Float).double_value(&[])
-        };
-        acc *= v.max(0.0).powf(*w);
-    }
-    acc
+    MsSsimStats::new(x, kernel, scales).ms_ssim(&MsSsimStats::new(y, kernel, scales), data_range)
 }
 
 pub fn run(
@@ -221,40 +250,49 @@ pub fn run(
     let fid_v = fid(&fr, &fg);
     let h = median_bandwidth(&fr, &fg);
     let mmd = mmd2_gaussian(&fr, &fg, h);
-    // MS-SSIM over ordered pairs of generated volumes.
+    // MS-SSIM over unordered pairs of generated volumes (it is symmetric), each volume's
+    // windowed statistics computed once.
     let min_axis = (p.ms_ssim_kernel - 1) << (p.ms_ssim_scales - 1);
+    if let Some(a) = gen
+        .iter()
+        .find(|a| a.2 != gen[0].2 || a.2.iter().any(|&v| v <= min_axis))
+    {
+        return Err(StageError::input(format!(
+            "MS-SSIM: the generated volumes must have equal shapes above {min_axis} per axis              ('{}' {:?}, '{}' {:?}; kernel {}, {} scales; lower ms_ssim_scales)",
+            gen[0].0, gen[0].2, a.0, a.2, p.ms_ssim_kernel, p.ms_ssim_scales
+        )));
+    }
     let mut pairs = Vec::new();
     for i in 0..gen.len() {
-        for j in 0..gen.len() {
-            if i != j && (p.ms_ssim_max_pairs == 0 || pairs.len() < p.ms_ssim_max_pairs) {
+        for j in i + 1..gen.len() {
+            if p.ms_ssim_max_pairs == 0 || pairs.len() < p.ms_ssim_max_pairs {
                 pairs.push((i, j));
             }
         }
     }
-    let mut ms = Vec::new();
+    let mut stats: Vec<Option<MsSsimStats>> = (0..gen.len()).map(|_| None).collect();
     for &(i, j) in &pairs {
-        let (a, b) = (&gen[i], &gen[j]);
-        if a.2 != b.2 || a.2.iter().any(|&v| v <= min_axis) {
-            return Err(StageError::input(format!(
-                "MS-SSIM: '{}' {:?} and '{}' {:?} must have equal shapes above {min_axis} per axis \
-                 (kernel {}, {} scales; lower ms_ssim_scales)",
-                a.0, a.2, b.0, b.2, p.ms_ssim_kernel, p.ms_ssim_scales
-            )));
+        for k in [i, j] {
+            if stats[k].is_none() {
+                let (_, data, shape) = &gen[k];
+                let s = shape.map(|x| x as i64);
+                let t = Tensor::from_slice(data)
+                    .view([1, 1, s[0], s[1], s[2]])
+                    .to_device(dev)
+                    .clamp(0.0, 1.0);
+                stats[k] = Some(MsSsimStats::new(
+                    &t,
+                    p.ms_ssim_kernel as i64,
+                    p.ms_ssim_scales,
+                ));
+            }
         }
-        let t = |v: &NamedVolume| {
-            let s = v.2.map(|x| x as i64);
-            Tensor::from_slice(&v.1)
-                .view([1, 1, s[0], s[1], s[2]])
-                .to_device(dev)
-                .clamp(0.0, 1.0)
-        };
-        ms.push(ms_ssim_3d(
-            &t(a),
-            &t(b),
-            1.0,
-            p.ms_ssim_kernel as i64,
-            p.ms_ssim_scales,
-        ));
+    }
+    let mut ms = Vec::with_capacity(pairs.len());
+    for &(i, j) in &pairs {
+        ctx.check_cancelled()?;
+        let (a, b) = (stats[i].as_ref(), stats[j].as_ref());
+        ms.push(a.expect("computed").ms_ssim(b.expect("computed"), 1.0));
     }
     let ms_mean = ms.iter().sum::<f64>() / ms.len().max(1) as f64;
     let out = ctx.output_dir("report")?;

@@ -162,7 +162,7 @@ mod tests {
         assert_eq!(Vec::<f32>::try_from(&w2).unwrap(), vec![5.0, 6.0]);
         // A model of another size is refused with the fix, not a stack trace.
         let mut vs3 = VarStore::new(tch::Device::Cpu);
-        vs3.root().var("w", &[3], tch::nn::Init::Const(0.0));
+        let _w3 = vs3.root().var("w", &[3], tch::nn::Init::Const(0.0));
         let e = Checkpoints::load_into(&dir, "model.safetensors", &mut vs3)
             .unwrap_err()
             .to_string();
