@@ -166,7 +166,10 @@ mod tests {
         let e = Checkpoints::load_into(&dir, "model.safetensors", &mut vs3)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("does not fit this model") && e.contains("delete"), "{e}");
+        assert!(
+            e.contains("does not fit this model") && e.contains("delete"),
+            "{e}"
+        );
         assert!(!e.contains("frame #"), "{e}");
         let n = std::fs::read_dir(d.path())
             .unwrap()
