@@ -623,15 +623,13 @@ pub struct VolumeFeaturesParams {
 
 impl VolumeFeaturesParams {
     pub fn features(&self) -> FeatureSettings<'_> {
-        FeatureSettings {
-            network: self.network,
-            weights: &self.weights,
-            normalization: self
-                .normalization
-                .unwrap_or_else(|| self.network.default_normalization()),
-            hu_window: self.hu_window,
-            resize: self.resize,
-        }
+        FeatureSettings::new(
+            self.network,
+            &self.weights,
+            self.normalization,
+            self.hu_window,
+            self.resize,
+        )
     }
 }
 
@@ -645,6 +643,26 @@ pub struct FeatureSettings<'a> {
     pub normalization: FeatureNorm,
     pub hu_window: Option<[f64; 2]>,
     pub resize: Option<[usize; 3]>,
+}
+
+impl<'a> FeatureSettings<'a> {
+    /// `normalization = None` resolves to the network's own
+    /// ([`FeatureNetwork::default_normalization`]).
+    pub fn new(
+        network: FeatureNetwork,
+        weights: &'a SourcePath,
+        normalization: Option<FeatureNorm>,
+        hu_window: Option<[f64; 2]>,
+        resize: Option<[usize; 3]>,
+    ) -> Self {
+        Self {
+            network,
+            weights,
+            normalization: normalization.unwrap_or_else(|| network.default_normalization()),
+            hu_window,
+            resize,
+        }
+    }
 }
 
 fn validate_resize(resize: Option<[usize; 3]>) -> Result<(), String> {
@@ -747,20 +765,15 @@ pub struct SynthesisMetricsParams {
 }
 
 impl SynthesisMetricsParams {
-    /// The preprocessing in effect.
-    pub fn normalization(&self) -> FeatureNorm {
-        self.normalization
-            .unwrap_or_else(|| self.network.default_normalization())
-    }
-
+    /// The network and the preprocessing in effect.
     pub fn features(&self) -> FeatureSettings<'_> {
-        FeatureSettings {
-            network: self.network,
-            weights: &self.weights,
-            normalization: self.normalization(),
-            hu_window: self.hu_window,
-            resize: self.resize,
-        }
+        FeatureSettings::new(
+            self.network,
+            &self.weights,
+            self.normalization,
+            self.hu_window,
+            self.resize,
+        )
     }
 }
 

@@ -316,7 +316,7 @@ pub fn run(
             fr.rows,
             gen.len(),
             p.resize,
-            p.normalization()
+            p.features().normalization
         ),
     )
     .map_err(|e| StageError::io(&out, e))?;
