@@ -190,7 +190,10 @@ pub struct Reference {
 
 /// Pairs of (content reference, style reference) indices: content references in a seeded
 /// order (cycled when there are fewer than `n`); each paired with a style reference of
-/// another domain, the domains taken in turn and the subject drawn at random (seeded).
+/// another domain: the domain used least so far (then the one used least with this content
+/// reference, so one met again gets another domain), the subject drawn at random (seeded).
+/// Balanced style domains keep the hit rate honest: a sweep whose style references were
+/// nearly all of one domain would credit a model that always makes that domain.
 pub fn pair_references(
     content: &[Reference],
     style: &[Reference],
@@ -207,24 +210,40 @@ pub fn pair_references(
     for (i, r) in style.iter().enumerate() {
         by_domain.entry(r.domain_id).or_default().push(i);
     }
-    (0..n)
-        .map(|k| {
-            let c = order[k % order.len()];
-            let others: Vec<&Vec<usize>> = by_domain
-                .iter()
-                .filter(|(d, _)| **d != content[c].domain_id)
-                .map(|(_, v)| v)
-                .collect();
-            if others.is_empty() {
-                return Err(format!(
-                    "content reference '{}' (domain {}): no style reference of another domain",
-                    content[c].id, content[c].domain_id
-                ));
-            }
-            let pool = others[(k / order.len()) % others.len()];
-            Ok((c, pool[rng.random_range(0..pool.len())]))
-        })
-        .collect()
+    // Style domains used so far, overall and with each content reference.
+    let mut uses: BTreeMap<i64, usize> = BTreeMap::new();
+    let mut uses_with: BTreeMap<(usize, i64), usize> = BTreeMap::new();
+    let mut pairs = Vec::with_capacity(n);
+    for k in 0..n {
+        let c = order[k % order.len()];
+        let others: Vec<(&i64, &Vec<usize>)> = by_domain
+            .iter()
+            .filter(|(d, _)| **d != content[c].domain_id)
+            .collect();
+        if others.is_empty() {
+            return Err(format!(
+                "content reference '{}' (domain {}): no style reference of another domain",
+                content[c].id, content[c].domain_id
+            ));
+        }
+        // The least used domain; then the one least used with this content reference; then
+        // in turn from pair to pair.
+        let (_, &(&d, pool)) = others
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, (d, _))| {
+                (
+                    uses.get(*d).copied().unwrap_or(0),
+                    uses_with.get(&(c, **d)).copied().unwrap_or(0),
+                    (i + others.len() - k % others.len()) % others.len(),
+                )
+            })
+            .expect("others is not empty");
+        *uses.entry(d).or_default() += 1;
+        *uses_with.entry((c, d)).or_default() += 1;
+        pairs.push((c, pool[rng.random_range(0..pool.len())]));
+    }
+    Ok(pairs)
 }
 
 /// One sample of the sweep.
@@ -528,7 +547,7 @@ pub struct GuidanceSweep;
 impl Stage for GuidanceSweep {
     type Params = GuidanceSweepParams;
     const KIND: &'static str = "guidance_sweep";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const ABOUT: &'static str = "Fig. 7: content Dice and style hit rate of dual-CFG samples over a grid of content and style guidance weights";
     fn inputs(&self) -> Vec<InputSpec> {
         vec![
@@ -666,6 +685,17 @@ mod tests {
         assert!(styles_of_a.contains(&1) && styles_of_a.contains(&2));
         // Seeded.
         assert_eq!(pairs, pair_references(&content, &style, 8, 3).unwrap());
+        // One pass over eight content references of four domains: each domain styles two of
+        // the eight pairs.
+        let content: Vec<Reference> = (0..8).map(|i| r(&format!("c{i}"), i % 4)).collect();
+        let style: Vec<Reference> = (0..8).map(|i| r(&format!("s{i}"), i % 4)).collect();
+        let pairs = pair_references(&content, &style, 8, 5).unwrap();
+        let mut per_domain = [0; 4];
+        for &(c, s) in &pairs {
+            assert_ne!(content[c].domain_id, style[s].domain_id);
+            per_domain[style[s].domain_id as usize] += 1;
+        }
+        assert_eq!(per_domain, [2, 2, 2, 2]);
         // One domain only: an error that names the subject.
         let e = pair_references(&content, &[r("a1", 0)], 2, 0).unwrap_err();
         assert!(e.contains("another domain"), "{e}");
