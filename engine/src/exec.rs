@@ -201,6 +201,7 @@ pub fn prepare(
         kind: def.kind.kind().to_string(),
         kind_version: def.kind.version(),
         params: key_params,
+        resolved: def.kind.resolved(&def.params),
         inputs: inputs
             .iter()
             .map(|(k, v)| (k.clone(), v.iter().map(|a| a.digest).collect()))

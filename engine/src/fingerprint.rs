@@ -8,12 +8,18 @@
 //! | `kind`         | the stage kind                                                   |
 //! | `kind_version` | the kind's implementation version (bumped by hand)               |
 //! | `params`       | resolved parameters, canonical; source paths as content digests  |
+//! | `resolved`     | what named presets in `params` stand for (the full model sizes); |
+//! |                | absent for kinds without presets ([`crate::Stage::resolved`])    |
 //! | `inputs`       | input name -> output digests of the wired upstream outputs       |
 //!
 //! Inputs enter by the upstream *output digest*, not the upstream key: a change upstream
 //! that yields identical bytes stops the rerun there (early cut-off). Resources (threads,
 //! device) do not enter the key. A fan-out item's key is the same fingerprint with the
 //! mapped collection replaced by the one item (id, attributes, digest).
+//!
+//! A preset enters by what it resolves to, not only by its name, so a change to a preset's
+//! definition reruns what used it without a hand-bumped kind version (Bazel keys an action on
+//! its command line, not on the name of the macro that wrote it).
 //!
 //! **If you change what enters a key, or how, bump [`KEY_SCHEMA_VERSION`].**
 //!
@@ -38,6 +44,10 @@ pub struct Fingerprint {
     pub kind: String,
     pub kind_version: u32,
     pub params: serde_json::Value,
+    /// What named presets in `params` resolve to; `None` for kinds without presets (their
+    /// keys are as before this field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<serde_json::Value>,
     pub inputs: BTreeMap<String, Vec<ContentDigest>>,
     /// For per-item keys of fan-out stages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -106,6 +116,13 @@ pub enum DirtyReason {
         old: Option<serde_json::Value>,
         new: Option<serde_json::Value>,
     },
+    /// A field of what a preset resolves to changed (the preset's definition changed in
+    /// the code, or the run before recorded none).
+    PresetChanged {
+        field: String,
+        old: Option<serde_json::Value>,
+        new: Option<serde_json::Value>,
+    },
     InputChanged {
         input: String,
         from: Vec<String>,
@@ -144,6 +161,18 @@ impl std::fmt::Display for DirtyReason {
             DirtyReason::ParamChanged { param, old, new } => write!(
                 f,
                 "parameter '{param}' changed: {} -> {}",
+                short(old),
+                short(new)
+            ),
+            DirtyReason::PresetChanged { field, old, new } if field.is_empty() => write!(
+                f,
+                "resolved preset sizes changed: {} -> {}",
+                short(old),
+                short(new)
+            ),
+            DirtyReason::PresetChanged { field, old, new } => write!(
+                f,
+                "resolved preset field '{field}' changed: {} -> {}",
                 short(old),
                 short(new)
             ),
@@ -197,6 +226,23 @@ pub fn explain(
             new: n,
         });
     }
+    match (&old.resolved, &new.resolved) {
+        (Some(o), Some(n)) => {
+            for (field, o, n) in diff_params(o, n) {
+                reasons.push(DirtyReason::PresetChanged {
+                    field,
+                    old: o,
+                    new: n,
+                });
+            }
+        }
+        (None, None) => {}
+        (o, n) => reasons.push(DirtyReason::PresetChanged {
+            field: String::new(),
+            old: o.clone(),
+            new: n.clone(),
+        }),
+    }
     let names: std::collections::BTreeSet<&String> =
         old.inputs.keys().chain(new.inputs.keys()).collect();
     for name in names {
@@ -248,6 +294,7 @@ mod tests {
             kind: "k".into(),
             kind_version: 1,
             params,
+            resolved: None,
             inputs: BTreeMap::new(),
             item: None,
         }
@@ -279,6 +326,34 @@ mod tests {
         assert_eq!(
             explain(Some(&b), &b, &BTreeMap::new()),
             vec![DirtyReason::ObjectMissing]
+        );
+    }
+
+    #[test]
+    fn a_preset_enters_the_key_by_what_it_resolves_to() {
+        let params = serde_json::json!({"preset": "small", "steps": 10});
+        let mut a = fp(params.clone());
+        // No presets: the key is that of a fingerprint without the field.
+        let without = serde_json::to_value(&a).unwrap();
+        assert!(without.get("resolved").is_none());
+        a.resolved = Some(serde_json::json!({"depth": 2, "width": 288}));
+        let mut b = fp(params);
+        b.resolved = Some(serde_json::json!({"depth": 4, "width": 288}));
+        assert_ne!(a.key(), b.key(), "same preset name, other sizes");
+        let r = explain(Some(&a), &b, &BTreeMap::new());
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            r[0].to_string(),
+            "resolved preset field 'depth' changed: 2 -> 4"
+        );
+        // A run recorded before presets entered keys: one reason, not one per field.
+        let r = explain(Some(&fp(b.params.clone())), &b, &BTreeMap::new());
+        assert_eq!(r.len(), 1);
+        assert!(
+            r[0].to_string()
+                .starts_with("resolved preset sizes changed: (unset) -> {"),
+            "{}",
+            r[0]
         );
     }
 }

@@ -216,6 +216,7 @@ fn plan_with(
                         kind: def.kind.kind().to_string(),
                         kind_version: def.kind.version(),
                         params: key_params,
+                        resolved: def.kind.resolved(&def.params),
                         inputs: old.map(|o| o.inputs.clone()).unwrap_or_default(),
                         item: None,
                     };

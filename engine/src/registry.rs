@@ -21,6 +21,8 @@ pub trait DynStage: Send + Sync {
     /// `(parameter path, message)`.
     fn resolve_params(&self, raw: toml::Table) -> Result<serde_json::Value, (String, String)>;
     fn seed(&self, params: &serde_json::Value) -> Option<u64>;
+    /// What named presets in the parameters resolve to ([`Stage::resolved`]).
+    fn resolved(&self, params: &serde_json::Value) -> Option<serde_json::Value>;
     /// The worker binary that must run this kind, or `None` when this process can.
     fn worker(&self) -> Option<&'static str>;
     fn run(&self, params: &serde_json::Value, ctx: &mut StageContext) -> Result<(), StageError>;
@@ -123,6 +125,11 @@ impl<S: Stage> DynStage for Typed<S> {
     }
     fn seed(&self, params: &serde_json::Value) -> Option<u64> {
         parse::<S>(params).ok().and_then(|p| self.stage.seed(&p))
+    }
+    fn resolved(&self, params: &serde_json::Value) -> Option<serde_json::Value> {
+        parse::<S>(params)
+            .ok()
+            .and_then(|p| self.stage.resolved(&p))
     }
     fn worker(&self) -> Option<&'static str> {
         match (self.stage.runtime(), &self.implementation) {

@@ -132,6 +132,14 @@ pub trait Stage: Send + Sync + 'static {
         None
     }
 
+    /// What named presets among the parameters resolve to (a model preset's full sizes,
+    /// after `model = {..}` overrides). It enters the stage's key beside the parameters, so
+    /// a change to a preset's definition reruns the stages that used it. `None` (the
+    /// default) for kinds without presets.
+    fn resolved(&self, _params: &Self::Params) -> Option<serde_json::Value> {
+        None
+    }
+
     /// For fan-out kinds: the collection input mapped over. Each item becomes its own
     /// object computed by [`Stage::run_item`]; `run` is not called.
     fn map_over(&self) -> Option<&'static str> {

@@ -267,6 +267,12 @@ impl Stage for DiffusionTrain {
     fn seed(&self, p: &DiffusionTrainParams) -> Option<u64> {
         Some(p.seed)
     }
+    fn resolved(&self, p: &DiffusionTrainParams) -> Option<serde_json::Value> {
+        dit_config(p.preset, &p.model)
+            .ok()
+            .and_then(|c| serde_json::to_value(c).ok())
+    }
+
     fn validate(&self, p: &DiffusionTrainParams) -> Result<(), String> {
         dit_config(p.preset, &p.model)?;
         if p.steps == 0 || p.batch_size == 0 {

@@ -67,3 +67,47 @@ pub fn register(r: &mut meduet_engine::Registry) {
         .register(segment::ClassifyEval)
         .register(segment::SegmentTable);
 }
+
+#[cfg(test)]
+mod tests {
+    use meduet_engine::Stage;
+
+    use super::*;
+
+    /// A preset enters the stage key by the sizes it stands for (after `model` overrides),
+    /// so redefining a preset reruns what used it.
+    #[test]
+    fn preset_kinds_resolve_their_presets_for_the_key() {
+        let mut dit = diffusion::DiffusionTrainParams {
+            preset: diffusion::DitPreset::Small,
+            ..Default::default()
+        };
+        let r = diffusion::DiffusionTrain.resolved(&dit).unwrap();
+        assert_eq!(
+            (r["hidden_size"].as_i64(), r["depth"].as_i64()),
+            (Some(288), Some(2))
+        );
+        dit.model.insert("depth".into(), serde_json::json!(3));
+        let r = diffusion::DiffusionTrain.resolved(&dit).unwrap();
+        assert_eq!(r["depth"].as_i64(), Some(3));
+
+        let pre = pretrain::PretrainParams {
+            preset: pretrain::MeduetPreset::Small,
+            ..Default::default()
+        };
+        let r = pretrain::Pretrain.resolved(&pre).unwrap();
+        assert_eq!(r["embed_dim"].as_i64(), Some(288));
+        assert!(vae::VaeTrain.resolved(&Default::default()).is_some());
+
+        // The UNETR's preset counts only when it is used: from scratch, not from a MeDUET.
+        let mut seg = segment::SegmentTrainParams::default();
+        let r = segment::SegmentTrain.resolved(&seg).unwrap();
+        assert!(r["unetr"]["embed_dim"].is_i64(), "{r}");
+        seg.unetr.init = segment::Init::Meduet;
+        assert_eq!(segment::SegmentTrain.resolved(&seg), None);
+        seg.network = segment::Network::Unet;
+        assert_eq!(segment::SegmentTrain.resolved(&seg), None);
+        // Kinds without presets add nothing to their keys.
+        assert_eq!(diffusion::Sample.resolved(&Default::default()), None);
+    }
+}

@@ -155,6 +155,12 @@ impl Stage for Pretrain {
     fn seed(&self, p: &PretrainParams) -> Option<u64> {
         Some(p.seed)
     }
+    fn resolved(&self, p: &PretrainParams) -> Option<serde_json::Value> {
+        meduet_config(p.preset, &p.model)
+            .ok()
+            .and_then(|c| serde_json::to_value(c).ok())
+    }
+
     fn validate(&self, p: &PretrainParams) -> Result<(), String> {
         meduet_config(p.preset, &p.model)?;
         if p.batch_size < 2 || p.batch_size % 2 != 0 {

@@ -112,6 +112,19 @@ pub struct UnetrParams {
     pub skips: Vec<i64>,
 }
 
+impl UnetrParams {
+    /// The ViT sizes its preset stands for, when they are used (`init = "scratch"`; with
+    /// `meduet` the sizes come from the checkpoint, an input).
+    pub fn resolved(&self) -> Option<serde_json::Value> {
+        match self.init {
+            Init::Scratch => serde_json::to_value(self.preset.config())
+                .ok()
+                .map(|c| serde_json::json!({ "unetr": c })),
+            Init::Meduet => None,
+        }
+    }
+}
+
 impl Default for UnetrParams {
     fn default() -> Self {
         Self {
@@ -374,6 +387,13 @@ impl Stage for SegmentTrain {
     fn seed(&self, p: &SegmentTrainParams) -> Option<u64> {
         Some(p.seed)
     }
+    fn resolved(&self, p: &SegmentTrainParams) -> Option<serde_json::Value> {
+        match p.network {
+            Network::Unetr => p.unetr.resolved(),
+            Network::Unet => None,
+        }
+    }
+
     fn validate(&self, p: &SegmentTrainParams) -> Result<(), String> {
         p.split.validate()?;
         p.augment.validate()?;
@@ -583,6 +603,10 @@ impl Stage for ClassifyTrain {
     fn seed(&self, p: &ClassifyTrainParams) -> Option<u64> {
         Some(p.seed)
     }
+    fn resolved(&self, p: &ClassifyTrainParams) -> Option<serde_json::Value> {
+        p.unetr.resolved()
+    }
+
     fn validate(&self, p: &ClassifyTrainParams) -> Result<(), String> {
         p.split.validate()?;
         p.augment.validate()?;

@@ -181,6 +181,12 @@ impl Stage for VaeTrain {
     fn seed(&self, p: &VaeTrainParams) -> Option<u64> {
         Some(p.seed)
     }
+    fn resolved(&self, p: &VaeTrainParams) -> Option<serde_json::Value> {
+        vae_config(p.preset, &p.model)
+            .ok()
+            .and_then(|c| serde_json::to_value(c).ok())
+    }
+
     fn validate(&self, p: &VaeTrainParams) -> Result<(), String> {
         let cfg = vae_config(p.preset, &p.model)?;
         let f = cfg.downsample_factor() as usize;
@@ -242,6 +248,12 @@ impl Stage for VaeImport {
     fn runtime(&self) -> Runtime {
         TORCH
     }
+    fn resolved(&self, p: &VaeImportParams) -> Option<serde_json::Value> {
+        vae_config(p.preset, &p.model)
+            .ok()
+            .and_then(|c| serde_json::to_value(c).ok())
+    }
+
     fn validate(&self, p: &VaeImportParams) -> Result<(), String> {
         vae_config(p.preset, &p.model).map(|_| ())
     }
