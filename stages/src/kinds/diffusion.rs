@@ -227,7 +227,7 @@ pub struct DiffusionTrain;
 impl Stage for DiffusionTrain {
     type Params = DiffusionTrainParams;
     const KIND: &'static str = "diffusion_train";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "trains DiT (DDPM, epsilon) or SiT (linear interpolant, velocity) on latent crops, conditioned on MeDUET factors with dual classifier-free dropout";
     fn inputs(&self) -> Vec<InputSpec> {
         vec![

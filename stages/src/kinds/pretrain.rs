@@ -125,7 +125,7 @@ pub struct Pretrain;
 impl Stage for Pretrain {
     type Params = PretrainParams;
     const KIND: &'static str = "pretrain";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "MeDUET pretraining: token mixing, factor disentanglement, MFTD and SiQC with an EMA teacher";
     fn inputs(&self) -> Vec<InputSpec> {
         vec![InputSpec {

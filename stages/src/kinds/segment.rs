@@ -346,7 +346,7 @@ pub struct SegmentTrain;
 impl Stage for SegmentTrain {
     type Params = SegmentTrainParams;
     const KIND: &'static str = "segment_train";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "trains UNETR on latents (scratch or MeDUET init) or an nnU-Net-style U-Net on images, at a label fraction, with DiceCE";
     fn inputs(&self) -> Vec<InputSpec> {
         vec![
@@ -569,7 +569,7 @@ pub struct ClassifyTrain;
 impl Stage for ClassifyTrain {
     type Params = ClassifyTrainParams;
     const KIND: &'static str = "classify_train";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "trains UNETR with a pooled linear head (scratch or MeDUET init) on a volume-level label of the latents";
     fn inputs(&self) -> Vec<InputSpec> {
         vec![

@@ -154,7 +154,7 @@ pub struct VaeTrain;
 impl Stage for VaeTrain {
     type Params = VaeTrainParams;
     const KIND: &'static str = "vae_train";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "trains the MAISI-topology 3D VAE (L1 + KL, optional patch adversarial) on random crops";
     fn inputs(&self) -> Vec<InputSpec> {

@@ -166,11 +166,20 @@ impl AdamW {
                 if p.decay && self.cfg.weight_decay != 0.0 {
                     let _ = p.var.g_mul_scalar_(1.0 - lr * self.cfg.weight_decay);
                 }
-                let _ = p.m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
-                let _ = p.v.g_mul_scalar_(b2).g_add_(&(&g * &g * (1.0 - b2)));
-                let denom = (p.v.sqrt() / bc2.sqrt()) + self.cfg.eps;
-                let upd = (&p.m / denom) * (lr / bc1);
-                let _ = p.var.g_sub_(&upd);
+                // In place, as PyTorch's single-tensor AdamW (two temporaries per parameter):
+                // m <- lerp(m, g, 1 - b1); v <- lerp(v, g^2, 1 - b2);
+                // w <- w - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps).
+                let _ = p.m.lerp_(&g, 1.0 - b1);
+                let _ = p.v.lerp_(&g.square(), 1.0 - b2);
+                if lr == 0.0 {
+                    continue;
+                }
+                let mut denom = p.v.sqrt();
+                let _ = denom.g_div_scalar_(bc2.sqrt());
+                let _ = denom.g_add_scalar_(self.cfg.eps);
+                // addcdiv_ has no `value` in tch: fold -lr/bc1 into the divisor.
+                let _ = denom.g_mul_scalar_(-bc1 / lr);
+                let _ = p.var.addcdiv_(&p.m, &denom);
             }
         });
     }
@@ -264,6 +273,18 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
         }
+        // A step at lr 0 (the first warm-up step) moves no weight but counts and updates the
+        // moments, as PyTorch's.
+        let m_before = Vec::<f32>::try_from(o.state()["m.w"].flatten(0, -1)).unwrap();
+        o.zero_grad();
+        (&w - 3.0).pow_tensor_scalar(2).sum(Kind::Float).backward();
+        o.step(0.0);
+        assert_eq!(Vec::<f32>::try_from(w.flatten(0, -1)).unwrap(), got);
+        assert_ne!(
+            Vec::<f32>::try_from(o.state()["m.w"].flatten(0, -1)).unwrap(),
+            m_before
+        );
+        assert_eq!(o.steps(), 4);
     }
 
     #[test]
