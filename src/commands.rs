@@ -131,7 +131,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
                 {
                     println!("{stage}\t{}", path.display());
                 }
-                return Ok(0);
+                return Ok(report_missing_files(&p, &sel, true));
             }
             // Planning never creates a cache: an absent one means nothing is cached.
             let (store, _cleanup) = match Store::open_existing(&dir) {
@@ -144,7 +144,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             };
             let planned = plan(&p, &store, &sel, &force)?;
             print_plan(&planned, json);
-            Ok(0)
+            Ok(report_missing_files(&p, &sel, json))
         }
         Command::Graph { pipeline, format } => {
             let p = load(&pipeline, &registry)?;
@@ -504,6 +504,26 @@ fn stage_object(p: &Pipeline, store: &Store, stage: &str) -> Result<meduet_cache
         Some(StageStatus::Cached { key }) => Ok(store.load(key)?.expect("cached object exists")),
         _ => bail!("stage '{stage}' has no object for the current pipeline yet (run 'meduet run {} --only {stage}')", p.file.display()),
     }
+}
+
+/// Exit status of `plan` when the plan is complete but some input files are missing
+/// (a validation error exits with 2).
+pub const EXIT_MISSING_FILES: i32 = 3;
+
+/// After a plan: the list of missing input files of the selected stages (on stdout below
+/// the plan, on stderr when stdout is machine-readable), and the exit status.
+fn report_missing_files(p: &Pipeline, selected: &[usize], to_stderr: bool) -> i32 {
+    let missing: Vec<_> = p.missing_files_of(selected).into_iter().cloned().collect();
+    if missing.is_empty() {
+        return 0;
+    }
+    let report = meduet_engine::pipeline::missing_files_report(&missing);
+    if to_stderr {
+        eprintln!("{report}");
+    } else {
+        println!("\n{report}");
+    }
+    EXIT_MISSING_FILES
 }
 
 fn print_plan(planned: &[meduet_engine::plan::PlannedStage], json: bool) {

@@ -5,9 +5,10 @@
 //! a loud message, only when `sbatch` is not on PATH; with `sbatch` present and no
 //! cluster answering, they fail.
 //!
-//! Caches live under Cargo's target tmp folder, not /tmp: meduet refuses a cache in a
-//! local temporary folder under Slurm (the nodes of a cluster could not see it), which
-//! one test checks.
+//! Caches live under Cargo's target tmp folder. meduet refuses a cache in a local
+//! temporary folder under Slurm (the nodes of a cluster could not see it) unless every
+//! node of the cluster is this machine, as the local one's is: so the tests pass from a
+//! clone under /tmp too, and two tests check both sides of the rule.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -726,19 +727,56 @@ fn ctrl_c_scancels_what_the_run_submitted() {
 }
 
 #[test]
-fn a_cache_in_a_temporary_folder_is_refused() {
+fn a_cache_in_a_temporary_folder_is_used_when_every_node_is_this_machine() {
     require_slurm!();
-    let d = tempfile::tempdir().unwrap();
+    let d = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+    let p = d.path().join("p.toml");
+    std::fs::write(&p, "[stages.a]\nkind = \"text\"\ntext = \"x\"\n").unwrap();
+    let out = run_ok(&["run", p.to_str().unwrap(), "--executor", "slurm"]);
+    let t = text(&out);
+    assert!(
+        t.contains("is in the local temporary folder")
+            && t.contains("every node of the cluster (localhost) is this machine"),
+        "{t}"
+    );
+    assert!(d.path().join(".meduet/slurm").exists(), "submitted");
+}
+
+#[test]
+fn a_cache_in_a_temporary_folder_is_refused_on_a_multi_node_cluster() {
+    require_slurm!();
+    let d = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+    // A cluster of two other machines, as `scontrol` would list it.
+    let bin = d.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let fake = bin.join("scontrol");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n[ \"$*\" = \"-o show nodes\" ] || exit 1\n\
+         echo 'NodeName=gpu01 NodeAddr=192.0.2.11 State=IDLE'\n\
+         echo 'NodeName=gpu02 NodeAddr=192.0.2.12 State=IDLE'\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let p = d.path().join("p.toml");
     std::fs::write(&p, "[stages.a]\nkind = \"text\"\ntext = \"x\"\n").unwrap();
     let out = meduet()
+        .env("PATH", path)
         .args(["run", p.to_str().unwrap(), "--executor", "slurm"])
         .output()
         .unwrap();
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(
-        t.contains("is in the local temporary folder") && t.contains("every node mounts"),
+        t.contains("is in the local temporary folder")
+            && t.contains("not all this machine: gpu01 (192.0.2.11), gpu02 (192.0.2.12)")
+            && t.contains("every node mounts"),
         "{t}"
     );
     assert!(

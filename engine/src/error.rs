@@ -13,6 +13,13 @@ pub struct Location {
     pub column: usize,
 }
 
+impl serde::Serialize for Location {
+    /// As `file:line:column`, the form editors and terminals jump to.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
@@ -115,6 +122,8 @@ pub enum EngineError {
     StagesFailed { failures: Vec<(String, String)> },
     #[error("run cancelled")]
     Cancelled,
+    #[error("{}", crate::pipeline::missing_files_report(.0))]
+    MissingFiles(Vec<crate::pipeline::MissingFile>),
     #[error("{0}")]
     Other(String),
 }

@@ -133,6 +133,11 @@ pub enum DirtyReason {
     UpstreamPending {
         stages: Vec<String>,
     },
+    /// A source file of the stage does not exist: it cannot run until it does.
+    MissingFile {
+        param: String,
+        path: String,
+    },
     Forced,
 }
 
@@ -186,6 +191,10 @@ impl std::fmt::Display for DirtyReason {
                 f,
                 "waits for {} (its key is known once they have run)",
                 stages.join(", ")
+            ),
+            DirtyReason::MissingFile { param, path } => write!(
+                f,
+                "cannot run yet: parameter '{param}' names '{path}', which does not exist (see the missing files below)"
             ),
             DirtyReason::Forced => f.write_str("forced (--force)"),
         }

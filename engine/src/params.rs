@@ -95,12 +95,7 @@ fn has_glob(s: &str) -> bool {
 /// Resolves and hashes one source path. `base` is the folder of the pipeline file
 /// that wrote it.
 pub fn resolve_source(raw: &str, base: &Path, memo: &DigestMemo) -> Result<SourceTree, String> {
-    let expanded = expand_home(raw);
-    let abs = if Path::new(&expanded).is_absolute() {
-        PathBuf::from(&expanded)
-    } else {
-        base.join(&expanded)
-    };
+    let abs = source_path(raw, base);
     let abs_str = abs.to_string_lossy().into_owned();
     if has_glob(&abs_str) {
         let prefix: PathBuf = abs
@@ -178,6 +173,39 @@ fn expand_home(s: &str) -> String {
         (Some(rest), Ok(home)) => format!("{home}/{rest}"),
         _ => s.to_string(),
     }
+}
+
+/// Where a source path written in a pipeline file points: `~/` expanded, a relative path
+/// joined to `base` (the folder of the file that wrote it). Not canonicalised, so a path
+/// that does not exist yet resolves too.
+pub fn source_path(raw: &str, base: &Path) -> PathBuf {
+    let expanded = expand_home(raw);
+    if Path::new(&expanded).is_absolute() {
+        PathBuf::from(expanded)
+    } else {
+        base.join(expanded)
+    }
+}
+
+/// Whether a source path exists: `Ok(None)` when it does, `Ok(Some(why))` when it does
+/// not (the file may still be made, e.g. by an optional setup script), `Err` when it can
+/// never be valid (a malformed glob pattern).
+pub fn source_missing(raw: &str, base: &Path) -> Result<Option<String>, String> {
+    let abs = source_path(raw, base);
+    let s = abs.to_string_lossy();
+    if has_glob(&s) {
+        let any = glob::glob(&s)
+            .map_err(|e| format!("invalid glob pattern '{raw}': {e}"))?
+            .filter_map(|p| p.ok())
+            .any(|p| p.is_file());
+        return Ok((!any).then(|| format!("glob '{raw}' matches no file (resolved to '{s}')")));
+    }
+    Ok((!abs.exists()).then(|| {
+        format!(
+            "path '{raw}' does not exist (resolved to '{}')",
+            abs.display()
+        )
+    }))
 }
 
 /// Finds every `{"$source": ...}` in `params`, calling `f(json_path, raw_path)`.

@@ -168,6 +168,26 @@ fn plan_with(
         }
         let old = history.stages.get(&def.name).map(|h| &h.fingerprint);
         let forced = force.contains(&def.name);
+        let missing: Vec<DirtyReason> = pipeline
+            .missing_files_of(&[i])
+            .into_iter()
+            .map(|m| DirtyReason::MissingFile {
+                param: m.param.clone(),
+                path: m.raw.clone(),
+            })
+            .collect();
+        if !missing.is_empty() {
+            out.push(PlannedStage {
+                name: def.name.clone(),
+                kind: def.kind.kind().to_string(),
+                status: StageStatus::WillRun {
+                    key: None,
+                    reasons: missing,
+                    items: None,
+                },
+            });
+            continue;
+        }
         let status = match gather_inputs(pipeline, store, i, &objects)? {
             Some(inputs) => {
                 let mut p = prepare(def, store, inputs)?;
@@ -245,6 +265,24 @@ fn plan_with(
         });
     }
     Ok(out)
+}
+
+/// The stages a run considers (the `--only` names with their ancestors; every stage when
+/// there are none). Refuses, before anything runs, when any of them reads a source file
+/// that does not exist, listing every such file.
+pub fn select_for_run(pipeline: &Pipeline, only: &[String]) -> Result<Vec<usize>, EngineError> {
+    let selected: Vec<usize> = if only.is_empty() {
+        (0..pipeline.stages.len()).collect()
+    } else {
+        select(pipeline, only)?
+    };
+    let missing = pipeline.missing_files_of(&selected);
+    if !missing.is_empty() {
+        return Err(EngineError::MissingFiles(
+            missing.into_iter().cloned().collect(),
+        ));
+    }
+    Ok(selected)
 }
 
 /// Resolves `--only` names to the stages to consider (each with its ancestors).

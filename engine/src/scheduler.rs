@@ -23,7 +23,7 @@ use crate::error::{EngineError, StageError};
 use crate::exec::{execute, prepare, ExecEnv, Executed, Prepared};
 use crate::fingerprint::{History, StageHistory};
 use crate::pipeline::Pipeline;
-use crate::plan::{gather_inputs, select};
+use crate::plan::{gather_inputs, select_for_run};
 use crate::resources::{Device, DeviceRequest};
 
 /// Options of `meduet run`.
@@ -174,11 +174,7 @@ pub fn run(
             .into());
         }
     }
-    let selected: Vec<usize> = if opts.only.is_empty() {
-        (0..pipeline.stages.len()).collect()
-    } else {
-        select(pipeline, &opts.only)?
-    };
+    let selected: Vec<usize> = select_for_run(pipeline, &opts.only)?;
     let n = pipeline.stages.len();
     let in_sel = |i: usize| selected.binary_search(&i).is_ok();
     let budget = if opts.threads == 0 {

@@ -439,6 +439,72 @@ fn err(pr: &Project, text: &str) -> String {
     pr.load("bad.toml").unwrap_err().to_string()
 }
 
+/// A missing source file is not a validation error: the pipeline loads (so `graph` and
+/// `plan` work), the file is recorded with where it was written and the command that
+/// makes it (`[made_by]`), `plan` marks the stage, and `run` refuses before running any
+/// stage, also one that does not read it; `--only` a stage that does not need it runs.
+#[test]
+fn missing_source_files_are_listed_and_refused_before_anything_runs() {
+    let pr = Project::new();
+    pr.write(
+        "p.toml",
+        "[made_by]\n\"weights/net.bin\" = \"scripts/fetch_net\"\n\
+         [stages.a]\nkind = \"text\"\ntext = \"x\"\n\
+         [stages.w]\nkind = \"list_files\"\npath = \"weights/net.bin\"\n\
+         [stages.t]\nkind = \"list_files\"\npath = \"wieghts/*.bin\"\n\
+         [stages.c]\nkind = \"map_lines\"\ninputs = { lines = \"w.lines\" }\n",
+    );
+    let p = pr.load("p.toml").unwrap();
+    let m = &p.missing_files;
+    assert_eq!(m.len(), 2, "{m:?}");
+    let w = m.iter().find(|m| m.stage == "w").unwrap();
+    assert_eq!((w.param.as_str(), w.raw.as_str()), ("path", "weights/net.bin"));
+    assert_eq!((w.at.line, w.at.column), (8, 8));
+    assert_eq!(w.made_by.as_deref(), Some("scripts/fetch_net"));
+    assert_eq!(w.resolved, pr.path("weights/net.bin"));
+    let t = m.iter().find(|m| m.stage == "t").unwrap();
+    assert_eq!(t.made_by, None, "a path nobody makes (a typo) names no command");
+    let report = meduet_engine::pipeline::missing_files_report(&p.missing_files);
+    assert!(report.starts_with("MISSING FILES: 2 input file(s)"), "{report}");
+    assert!(
+        report.contains("'weights/net.bin' (resolved to '")
+            && report.contains("): make it with: scripts/fetch_net\n    read by ")
+            && report.contains("p.toml:8:8: stage 'w': parameter 'path'")
+            && report.contains("'wieghts/*.bin' (resolved to '"),
+        "{report}"
+    );
+
+    let store = Store::open(&p.cache_dir).unwrap();
+    let planned = plan(&p, &store, &[], &[]).unwrap();
+    let status = |name: &str| {
+        planned
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| format!("{:?}", s.status))
+            .unwrap()
+    };
+    assert!(status("w").contains("MissingFile"), "{}", status("w"));
+    assert!(status("c").contains("UpstreamPending"), "{}", status("c"));
+    assert!(status("a").contains("WillRun") && status("a").contains("key: Some"));
+
+    let env = ExecEnv::new(store.clone());
+    match run(&p, &env, &RunOptions::default()) {
+        Err(meduet_engine::EngineError::MissingFiles(files)) => assert_eq!(files.len(), 2),
+        other => panic!("expected the missing files, got {other:?}"),
+    }
+    assert!(
+        !pr.path(".meduet/objects").exists()
+            || std::fs::read_dir(pr.path(".meduet/objects")).unwrap().count() == 0,
+        "nothing ran"
+    );
+    let only_a = RunOptions {
+        only: vec!["a".into()],
+        ..Default::default()
+    };
+    let summary = run(&p, &env, &only_a).unwrap();
+    assert_eq!(summary.computed().len(), 1);
+}
+
 #[test]
 fn validation_errors_name_problem_and_location() {
     let pr = Project::new();
@@ -496,15 +562,15 @@ fn validation_errors_name_problem_and_location() {
     // A cycle, naming its stages.
     let e = err(&pr, "[stages.x]\nkind = \"transform\"\ninputs = { text = \"y.text\" }\n[stages.y]\nkind = \"transform\"\ninputs = { text = \"x.text\" }\n");
     assert!(e.contains("cycle: x -> y -> x"), "{e}");
-    // A missing input file.
+    // A malformed glob can never match: an error of the file.
     let e = err(
         &pr,
-        "[stages.f]\nkind = \"list_files\"\npath = \"no/such/folder\"\n",
+        "[stages.f]\nkind = \"list_files\"\npath = \"data/[*.txt\"\n",
     );
     assert!(
         e.contains("bad.toml:3:")
             && e.contains("parameter 'path'")
-            && e.contains("'no/such/folder' does not exist"),
+            && e.contains("invalid glob pattern"),
         "{e}"
     );
     // A required input not wired.

@@ -4,7 +4,9 @@
 //! cache and commits its object there: the cache must be on a filesystem every node
 //! mounts at the same path. meduet cannot prove that a path is shared, but it can
 //! refuse the places that certainly are not: the local temporary folders (`$TMPDIR`,
-//! `/tmp`, `/var/tmp`, `/dev/shm`, `/run`) and memory filesystems (tmpfs, ramfs).
+//! `/tmp`, `/var/tmp`, `/dev/shm`, `/run`) and memory filesystems (tmpfs, ramfs). The
+//! Slurm executor accepts them all the same when every node of the cluster is this
+//! machine (`slurm::nodes`).
 
 use std::path::{Path, PathBuf};
 

@@ -4,7 +4,10 @@
 //! reports every problem with its file, line and column before anything runs: TOML
 //! syntax, unknown stage kinds (listing the known ones), unknown or mistyped parameters
 //! (with the expected type), references to missing stages or outputs, outputs of the
-//! wrong type wired to an input, cycles (naming their stages), and missing source files.
+//! wrong type wired to an input, and cycles (naming their stages). A source file that does
+//! not exist is not an error of the file: it is recorded in [`Pipeline::missing_files`]
+//! (with the command that makes it, from the file's `[made_by]` table), so that `graph`
+//! and `plan` still work and `run` refuses with the whole list before running anything.
 //! Loading never touches the cache.
 
 pub mod raw;
@@ -16,7 +19,7 @@ use std::sync::Arc;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::error::{Location, PipelineError};
-use crate::params::{find_absolute_paths, visit_sources};
+use crate::params::{find_absolute_paths, source_missing, source_path, visit_sources};
 use crate::registry::{DynStage, Registry};
 use crate::resources::Resources;
 use crate::stage::{Arity, ArtifactType};
@@ -46,6 +49,77 @@ pub struct SourceParam {
     pub raw: String,
     /// Folder of the file that wrote it.
     pub base: PathBuf,
+}
+
+/// A source file that a stage reads and that does not exist.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MissingFile {
+    pub stage: String,
+    /// JSON path of the parameter (`weights`, `datasets[0].images`).
+    pub param: String,
+    /// Where the parameter was written.
+    pub at: Location,
+    /// The path as written.
+    pub raw: String,
+    /// The path it resolves to.
+    pub resolved: PathBuf,
+    /// The command that makes it, from the pipeline's `[made_by]` table.
+    pub made_by: Option<String>,
+}
+
+impl std::fmt::Display for MissingFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: stage '{}': parameter '{}': '{}' does not exist (resolved to '{}')",
+            self.at,
+            self.stage,
+            self.param,
+            self.raw,
+            self.resolved.display()
+        )?;
+        match &self.made_by {
+            Some(c) => write!(f, "; make it with: {c}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The missing files as a clearly marked list: one entry per file, with the command
+/// that makes it where the pipeline names one, then where each stage that reads it wrote
+/// the parameter.
+pub fn missing_files_report(files: &[MissingFile]) -> String {
+    let mut by_file: Vec<(&Path, Vec<&MissingFile>)> = Vec::new();
+    for m in files {
+        match by_file.iter_mut().find(|(p, _)| *p == m.resolved.as_path()) {
+            Some((_, v)) => v.push(m),
+            None => by_file.push((&m.resolved, vec![m])),
+        }
+    }
+    let mut s = format!(
+        "MISSING FILES: {} input file(s) do not exist; the {} stage(s) that read them cannot run:",
+        by_file.len(),
+        files.len()
+    );
+    for (path, readers) in &by_file {
+        let first = readers[0];
+        let make = match &first.made_by {
+            Some(c) => format!("make it with: {c}"),
+            None => "no command of this pipeline makes it (is the path right?)".to_string(),
+        };
+        s.push_str(&format!(
+            "\n  '{}' (resolved to '{}'): {make}",
+            first.raw,
+            path.display()
+        ));
+        for m in readers {
+            s.push_str(&format!(
+                "\n    read by {}: stage '{}': parameter '{}'",
+                m.at, m.stage, m.param
+            ));
+        }
+    }
+    s
 }
 
 /// One validated stage.
@@ -90,6 +164,8 @@ pub struct Pipeline {
     pub executor_at: Option<Location>,
     /// The `[executor]` table, validated.
     pub executor_config: crate::executor::config::ExecutorConfig,
+    /// Source files the stages read that do not exist, in stage order.
+    pub missing_files: Vec<MissingFile>,
 }
 
 impl Pipeline {
@@ -114,6 +190,19 @@ impl Pipeline {
             .map(|s| s.name.as_str())
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// The missing source files of the stages in `selected` (all stages when empty).
+    pub fn missing_files_of(&self, selected: &[usize]) -> Vec<&MissingFile> {
+        self.missing_files
+            .iter()
+            .filter(|m| {
+                selected.is_empty()
+                    || self
+                        .index_of(&m.stage)
+                        .is_some_and(|i| selected.contains(&i))
+            })
+            .collect()
     }
 
     /// Indices of the stages `name` depends on, transitively, plus itself.
@@ -166,6 +255,7 @@ impl Pipeline {
     fn from_raw(raw: raw::RawPipeline, registry: &Registry) -> Result<Self, PipelineError> {
         let known = registry.names().join(", ");
         let mut defs = Vec::new();
+        let mut missing_files = Vec::new();
         for (name, st) in &raw.stages {
             if crate::collection::check_item_id(name).is_err() {
                 return Err(PipelineError::Invalid {
@@ -237,8 +327,20 @@ impl Pipeline {
                     .get(&top)
                     .cloned()
                     .unwrap_or_else(|| (raw.file.parent().unwrap().to_path_buf(), st.at.clone()));
-                if source_err.is_none() {
-                    if let Err(m) = check_source_exists(rawp, &base) {
+                match source_missing(rawp, &base) {
+                    Ok(None) => {}
+                    Ok(Some(_)) => {
+                        let resolved = source_path(rawp, &base);
+                        missing_files.push(MissingFile {
+                            stage: name.clone(),
+                            param: path.to_string(),
+                            at,
+                            raw: rawp.to_string(),
+                            made_by: raw.made_by.get(&resolved).cloned(),
+                            resolved,
+                        });
+                    }
+                    Err(m) if source_err.is_none() => {
                         source_err = Some(PipelineError::Param {
                             at,
                             stage: name.clone(),
@@ -246,6 +348,7 @@ impl Pipeline {
                             message: m,
                         });
                     }
+                    Err(_) => {}
                 }
                 sources.push(SourceParam {
                     param: path.to_string(),
@@ -514,6 +617,7 @@ impl Pipeline {
             }),
             registry,
         )?;
+        missing_files.sort_by_key(|m: &MissingFile| index[&m.stage]);
         Ok(Pipeline {
             executor_config,
             name: raw.name,
@@ -524,6 +628,7 @@ impl Pipeline {
             graph,
             executor: raw.executor,
             executor_at: raw.executor_at,
+            missing_files,
         })
     }
 
@@ -549,32 +654,3 @@ fn unknown_field(message: &str) -> Option<String> {
     Some(rest.split('`').next()?.to_string())
 }
 
-fn check_source_exists(raw: &str, base: &Path) -> Result<(), String> {
-    let expanded = match (raw.strip_prefix("~/"), std::env::var("HOME")) {
-        (Some(rest), Ok(home)) => format!("{home}/{rest}"),
-        _ => raw.to_string(),
-    };
-    let abs = if Path::new(&expanded).is_absolute() {
-        PathBuf::from(&expanded)
-    } else {
-        base.join(&expanded)
-    };
-    let s = abs.to_string_lossy();
-    if s.contains(['*', '?', '[']) {
-        let any = glob::glob(&s)
-            .map_err(|e| format!("invalid glob pattern '{raw}': {e}"))?
-            .filter_map(|p| p.ok())
-            .any(|p| p.is_file());
-        if !any {
-            return Err(format!("glob '{raw}' matches no file (resolved to '{s}')"));
-        }
-        return Ok(());
-    }
-    if !abs.exists() {
-        return Err(format!(
-            "path '{raw}' does not exist (resolved to '{}')",
-            abs.display()
-        ));
-    }
-    Ok(())
-}

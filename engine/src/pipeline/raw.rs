@@ -8,6 +8,9 @@
 //! cache = "../.meduet"         # optional; default: .meduet/ beside the top-level file
 //! include = ["base.toml"]      # optional: stages of other files, reused verbatim
 //!
+//! [made_by]                    # optional: the command that makes a file a stage reads
+//! "~/.cache/meduet/weights/i3resnet152.safetensors" = "scripts/fetch_i3resnet"
+//!
 //! [stages.resample]
 //! kind = "resample"
 //! inputs = { subjects = "ingest.subjects" }
@@ -63,6 +66,9 @@ pub struct RawPipeline {
     /// by dotted path (`executor.slurm.time`, `stages.train.executor.slurm.time`), so
     /// executor settings are reported with their own line.
     pub executor_spans: BTreeMap<String, Location>,
+    /// The `[made_by]` table: for a source file (resolved like a source parameter), the
+    /// command that makes it, named when the file is missing. Merged from includes.
+    pub made_by: BTreeMap<PathBuf, String>,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +81,8 @@ struct FileRepr {
     #[serde(default)]
     stages: BTreeMap<String, Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
     executor: Option<Spanned<toml::Table>>,
+    #[serde(default)]
+    made_by: BTreeMap<String, String>,
 }
 
 /// Line and column (1-based) of a byte offset.
@@ -138,6 +146,7 @@ fn load_rec(file: &Path, chain: &mut Vec<PathBuf>) -> Result<RawPipeline, Pipeli
         executor: toml::Table::new(),
         executor_at: None,
         executor_spans: BTreeMap::new(),
+        made_by: BTreeMap::new(),
     };
     for inc in &repr.include {
         let inc_path = absolute(&base.join(inc.get_ref()));
@@ -159,6 +168,7 @@ fn load_rec(file: &Path, chain: &mut Vec<PathBuf>) -> Result<RawPipeline, Pipeli
         merged.executor_spans.extend(sub.executor_spans);
         merged.executor_at = merged.executor_at.or(sub.executor_at);
         merged.cache = merged.cache.or(sub.cache);
+        merged.made_by.extend(sub.made_by);
     }
     chain.pop();
     for (name, table) in repr.stages {
@@ -188,6 +198,11 @@ fn load_rec(file: &Path, chain: &mut Vec<PathBuf>) -> Result<RawPipeline, Pipeli
     if let Some(exec) = repr.executor {
         merged.executor_at = Some(loc(file, &text, exec.span().start));
         merge_table(&mut merged.executor, exec.into_inner());
+    }
+    for (path, command) in repr.made_by {
+        merged
+            .made_by
+            .insert(crate::params::source_path(&path, &base), command);
     }
     if let Some(c) = repr.cache {
         merged.cache = Some(base.join(c.get_ref()));

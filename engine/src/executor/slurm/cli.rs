@@ -141,6 +141,16 @@ impl SlurmCli {
         Ok(parse_scontrol(&String::from_utf8_lossy(&out.stdout)))
     }
 
+    /// The cluster's nodes (`scontrol -o show nodes`).
+    pub fn nodes(&self) -> Result<Vec<super::nodes::Node>, SlurmError> {
+        let args = vec!["-o".to_string(), "show".into(), "nodes".into()];
+        let out = self.run("scontrol", &args)?;
+        if !out.status.success() {
+            return Err(Self::refused("scontrol", &args, &out));
+        }
+        Ok(super::nodes::parse_nodes(&String::from_utf8_lossy(&out.stdout)))
+    }
+
     /// `scancel JOBS...` in one call.
     pub fn scancel(&self, jobs: &[String]) -> Result<(), SlurmError> {
         if jobs.is_empty() {

@@ -23,7 +23,7 @@ use super::{check_cache, discard_for_force, job_request, submit_error, write_spe
 use crate::error::EngineError;
 use crate::exec::{item_key, mapped_items, prepare, ExecEnv, Prepared};
 use crate::pipeline::Pipeline;
-use crate::plan::{gather_inputs, select};
+use crate::plan::{gather_inputs, select_for_run};
 use crate::scheduler::{locator_for, locator_roots, RunOptions};
 
 /// What a detached submission did.
@@ -45,12 +45,8 @@ pub fn submit_detached(
     run: &SlurmRun,
 ) -> Result<Detached, EngineError> {
     let store = &env.store;
-    check_cache(store)?;
-    let selected: Vec<usize> = if opts.only.is_empty() {
-        (0..pipeline.stages.len()).collect()
-    } else {
-        select(pipeline, &opts.only)?
-    };
+    check_cache(store, &run.cli)?;
+    let selected: Vec<usize> = select_for_run(pipeline, &opts.only)?;
     let ledger = Ledger::new(store);
     let cfg = &pipeline.executor_config.slurm;
     let host = meduet_cache::lease::host_name();

@@ -36,7 +36,7 @@ use crate::error::{EngineError, StageError};
 use crate::exec::{execute, item_key, mapped_items, prepare, ExecEnv, Executed, Prepared};
 use crate::executor::config::ExecutorKind;
 use crate::pipeline::Pipeline;
-use crate::plan::{gather_inputs, select};
+use crate::plan::{gather_inputs, select_for_run};
 use crate::resources::{Device, DeviceRequest};
 use crate::scheduler::{
     locator_for, locator_roots, record_history, Outcome, RunOptions, RunSummary,
@@ -130,7 +130,7 @@ pub fn run_attached(
     run: &SlurmRun,
 ) -> Result<RunSummary, EngineError> {
     let store = &env.store;
-    check_cache(store)?;
+    check_cache(store, &run.cli)?;
     let mut d = Driver::new(pipeline, env, opts, run)?;
     let result = d.drive();
     d.finish();
@@ -190,11 +190,7 @@ impl<'a> Driver<'a> {
                 .into());
             }
         }
-        let selected = if opts.only.is_empty() {
-            (0..pipeline.stages.len()).collect()
-        } else {
-            select(pipeline, &opts.only)?
-        };
+        let selected: Vec<usize> = select_for_run(pipeline, &opts.only)?;
         let (tx, rx) = unbounded();
         Ok(Self {
             pipeline,

@@ -31,6 +31,7 @@ pub mod cli;
 pub mod detach;
 pub mod driver;
 pub mod ledger;
+pub mod nodes;
 pub mod state;
 pub mod submit;
 
@@ -75,12 +76,31 @@ impl SlurmRun {
     }
 }
 
-/// Refuses a cache that the nodes of a cluster cannot see.
-pub fn check_cache(store: &Store) -> Result<(), EngineError> {
-    match crate::executor::shared_fs::local_only_reason(store.root()) {
-        None => Ok(()),
-        Some(why) => Err(EngineError::Other(format!(
-            "{why} (hint: with --executor slurm the cache must be on a filesystem every node mounts: set it with --cache DIR, MEDUET_CACHE or cache = \"...\" in the pipeline file)"
+/// Refuses a cache that the nodes of a cluster cannot see: one in a local temporary
+/// folder or in memory, unless every node of the cluster is this machine.
+pub fn check_cache(store: &Store, cli: &SlurmCli) -> Result<(), EngineError> {
+    let Some(why) = crate::executor::shared_fs::local_only_reason(store.root()) else {
+        return Ok(());
+    };
+    let hint = "(hint: with --executor slurm the cache must be on a filesystem every node mounts: set it with --cache DIR, MEDUET_CACHE or cache = \"...\" in the pipeline file)";
+    match cli.nodes() {
+        Ok(n) if nodes::all_on_this_machine(&n) => {
+            let names: Vec<&str> = n.iter().map(|n| n.name.as_str()).collect();
+            tracing::info!(
+                "{why}, but every node of the cluster ({}) is this machine, so its jobs see it",
+                names.join(", ")
+            );
+            Ok(())
+        }
+        Ok(n) => {
+            let names: Vec<String> = n.iter().map(|n| format!("{} ({})", n.name, n.addr)).collect();
+            Err(EngineError::Other(format!(
+                "{why}; the cluster's nodes are not all this machine: {} {hint}",
+                names.join(", ")
+            )))
+        }
+        Err(e) => Err(EngineError::Other(format!(
+            "{why}; the cluster's nodes could not be listed ({e}) {hint}"
         ))),
     }
 }
