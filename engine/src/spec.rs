@@ -5,6 +5,11 @@
 //! idempotent (exits at once when the object exists), takes the key's lease, commits
 //! atomically and releases: any cluster scheduler can run it on a shared cache. Specs are
 //! stored under `specs/<blake3 of the spec>.json` and never change.
+//!
+//! A spec is a pure function of its fingerprint, and is trusted only as such: a spec
+//! file whose name is a digest must hash to it, and its kind, parameters (their key form)
+//! and input digests must be the fingerprint's; any difference is refused, naming the
+//! field, before anything runs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::EngineError;
 use crate::exec::{input_artifact, Prepared};
 use crate::fingerprint::Fingerprint;
-use crate::params::resolve_source;
+use crate::params::{map_sources, resolve_source, source_key_value};
 use crate::registry::Registry;
 use crate::resources::Resources;
 
@@ -125,6 +130,16 @@ impl ExecSpec {
                 path.display()
             ))
         })?;
+        if let Some(name) = path.file_stem().and_then(|s| s.to_str()) {
+            let is_digest = name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
+            if is_digest && ContentDigest::of_bytes(&text).to_hex() != name {
+                return Err(EngineError::Other(format!(
+                    "spec '{}' was changed after it was written: its name is the digest of its content, which is now {} (refusing it; replan with 'meduet plan --specs')",
+                    path.display(),
+                    ContentDigest::of_bytes(&text).short()
+                )));
+            }
+        }
         if spec.format != SPEC_FORMAT {
             return Err(EngineError::Other(format!(
                 "spec '{}' has format {} (this meduet reads {SPEC_FORMAT})",
@@ -141,6 +156,10 @@ impl ExecSpec {
         let kind = registry.get(&self.kind).ok_or_else(|| {
             EngineError::Other(format!("spec names unknown stage kind '{}'", self.kind))
         })?;
+        if self.kind != self.fingerprint.kind {
+            return Err(self.tampered("kind", &self.fingerprint.kind, &self.kind));
+        }
+        self.check_inputs_match_fingerprint()?;
         if kind.version() != self.fingerprint.kind_version {
             return Err(EngineError::Other(format!(
                 "spec was planned for '{}' version {} but this meduet has version {} (replan with the same meduet build)",
@@ -247,6 +266,80 @@ impl ExecSpec {
                 )));
             }
         }
+        // The parameters, in their key form, must be the fingerprint's.
+        let key_params = map_sources(&self.params, &|raw| {
+            source_key_value(&p.sources[&PathBuf::from(raw)])
+        });
+        if let Some((field, want, got)) =
+            first_difference(&self.fingerprint.params, &key_params, "params")
+        {
+            return Err(self.tampered(&field, &want, &got));
+        }
         Ok(p)
+    }
+
+    /// Every input reference's digest, input by input, must be the fingerprint's.
+    fn check_inputs_match_fingerprint(&self) -> Result<(), EngineError> {
+        let want = &self.fingerprint.inputs;
+        for name in want.keys().chain(self.inputs.keys()) {
+            let w: Vec<String> = want
+                .get(name)
+                .map(|v| v.iter().map(|d| d.to_hex()).collect())
+                .unwrap_or_default();
+            let g: Vec<String> = self
+                .inputs
+                .get(name)
+                .map(|v| v.iter().map(|r| r.digest.to_hex()).collect())
+                .unwrap_or_default();
+            if w != g {
+                let i = w.iter().zip(&g).position(|(a, b)| a != b).unwrap_or(w.len().min(g.len()));
+                let show = |v: &[String]| v.get(i).map(|d| d[..12].to_string()).unwrap_or("(none)".into());
+                return Err(self.tampered(&format!("inputs.{name}[{i}].digest"), &show(&w), &show(&g)));
+            }
+        }
+        Ok(())
+    }
+
+    fn tampered(&self, field: &str, want: &dyn std::fmt::Display, got: &dyn std::fmt::Display) -> EngineError {
+        EngineError::Other(format!(
+            "spec of stage '{}': field '{field}' is {got} but its fingerprint says {want}: the spec was changed after it was planned (refusing it; replan with 'meduet plan --specs')",
+            self.stage
+        ))
+    }
+}
+
+/// The first place where `b` differs from `a` (dotted JSON path from `path`), with both
+/// values, or `None` when they are equal.
+fn first_difference(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    path: &str,
+) -> Option<(String, String, String)> {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for k in x.keys().chain(y.keys()) {
+                let here = format!("{path}.{k}");
+                match (x.get(k), y.get(k)) {
+                    (Some(u), Some(v)) => {
+                        if let Some(d) = first_difference(u, v, &here) {
+                            return Some(d);
+                        }
+                    }
+                    (u, v) => {
+                        let show = |x: Option<&Value>| x.map(Value::to_string).unwrap_or("(absent)".into());
+                        return Some((here, show(u), show(v)));
+                    }
+                }
+            }
+            None
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (u, v))| first_difference(u, v, &format!("{path}[{i}]"))),
+        _ if a == b => None,
+        _ => Some((path.to_string(), a.to_string(), b.to_string())),
     }
 }

@@ -3,8 +3,13 @@
 //! # Reading
 //!
 //! - The whole file is read and, when it starts with the gzip magic bytes, decompressed
-//!   completely (multi-member streams accepted), so a truncated or corrupt `.nii.gz` is
-//!   reported as such (the CRC and length of the gzip trailer are checked).
+//!   (multi-member streams accepted), so a truncated or corrupt `.nii.gz` is reported as
+//!   such (the CRC and length of the gzip trailer are checked). Decompression stops at
+//!   what the header needs (`vox_offset` + the voxels, plus [`TRAILING_SLACK`]): a small
+//!   file that inflates to far more (a gzip bomb) is refused without inflating it.
+//! - `vox_offset` must be finite and at least 352 (the end of a single-file NIfTI-1
+//!   header, as nibabel requires), and the voxel data must fit the file; sizes are
+//!   computed with checked arithmetic, so no header makes the reader panic.
 //! - Byte order comes from the header (big-endian files are swapped by the crate).
 //! - Values are converted to `f32` with `scl_slope`/`scl_inter` applied (a slope of 0 or
 //!   NaN means "no scaling", a NaN intercept 0, as in nibabel).
@@ -13,7 +18,9 @@
 //!   `qform_code > 0`, else NIfTI "method 1": `diag(pixdim)` with a zero origin.
 //! - Checked, with an error naming the file and the problem: gzip integrity, magic, a 2D
 //!   image, a 4D image with more than one volume (a trailing `t = 1` is fine), NaN or Inf
-//!   voxels, zero or negative spacing, a singular affine, unsupported data types.
+//!   voxels, zero or negative spacing, spacing above [`MAX_SPACING_MM`] (no medical
+//!   volume has voxels that large; such a header would make resampling allocate without
+//!   bound), a singular affine, unsupported data types.
 //!
 //! # Writing
 //!
@@ -70,6 +77,17 @@ pub enum NiftiDtype {
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
+/// Size of a NIfTI-1 header; the header of a single `.nii` file ends with 4 bytes of
+/// extension flags, so voxel data start at 352 at the earliest.
+const HEADER_BYTES: usize = 348;
+const MIN_VOX_OFFSET: f64 = 352.0;
+
+/// Bytes a decompressed file may hold past its voxel data before it is refused.
+pub const TRAILING_SLACK: u64 = 1 << 20;
+
+/// The largest voxel spacing read (mm, per axis, from the chosen affine).
+pub const MAX_SPACING_MM: f64 = 50.0;
+
 fn datatype_name(t: NiftiType) -> String {
     match t {
         NiftiType::Uint8 => "uint8".into(),
@@ -86,31 +104,93 @@ fn datatype_name(t: NiftiType) -> String {
     }
 }
 
-/// Reads the file's bytes, decompressing gzip completely.
-fn read_bytes(path: &Path) -> Result<(Vec<u8>, bool), DataError> {
-    let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    if raw.len() >= 2 && raw[..2] == GZIP_MAGIC {
-        let mut out = Vec::with_capacity(raw.len() * 3);
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| DataError::Gzip {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
-        Ok((out, true))
-    } else {
-        let name = path.to_string_lossy();
-        if name.ends_with(".gz") {
+/// A NIfTI file's bytes: the whole of an uncompressed file, or a gzip stream
+/// decompressed on demand and never past a limit.
+enum Source {
+    Plain(Vec<u8>),
+    Gzip {
+        decoder: flate2::read::MultiGzDecoder<std::fs::File>,
+        out: Vec<u8>,
+    },
+}
+
+impl Source {
+    fn open(path: &Path) -> Result<Self, DataError> {
+        let mut f = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+        let mut magic = [0u8; 2];
+        let n = f.read(&mut magic).map_err(|e| DataError::io(path, e))?;
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| DataError::io(path, e))?;
+        if n == 2 && magic == GZIP_MAGIC {
+            return Ok(Source::Gzip {
+                decoder: flate2::read::MultiGzDecoder::new(f),
+                out: Vec::new(),
+            });
+        }
+        if path.to_string_lossy().ends_with(".gz") {
             return Err(DataError::Gzip {
                 path: path.to_path_buf(),
                 message: "the file does not start with the gzip magic bytes".into(),
             });
         }
-        Ok((raw, false))
+        let mut raw = Vec::new();
+        f.read_to_end(&mut raw).map_err(|e| DataError::io(path, e))?;
+        Ok(Source::Plain(raw))
+    }
+
+    fn is_gzip(&self) -> bool {
+        matches!(self, Source::Gzip { .. })
+    }
+
+    /// Decompresses until `len` bytes are there (or the stream ends); `to_end` reads on
+    /// to the end of the stream (checking the gzip trailer) but never past `len` bytes.
+    fn fill(&mut self, path: &Path, len: u64, to_end: bool) -> Result<&[u8], DataError> {
+        match self {
+            Source::Plain(raw) => Ok(raw),
+            Source::Gzip { decoder, out } => {
+                let want = if to_end { len.saturating_add(1) } else { len };
+                let have = out.len() as u64;
+                if want > have {
+                    decoder
+                        .by_ref()
+                        .take(want - have)
+                        .read_to_end(out)
+                        .map_err(|e| DataError::Gzip {
+                            path: path.to_path_buf(),
+                            message: e.to_string(),
+                        })?;
+                }
+                if to_end && out.len() as u64 > len {
+                    return Err(DataError::Format {
+                        path: path.to_path_buf(),
+                        message: format!(
+                            "decompresses to more than the {len} bytes its header describes (vox_offset + voxel data + {TRAILING_SLACK} bytes of slack); refusing to inflate it further"
+                        ),
+                    });
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// For a header that does not parse: the gzip stream's own error when it is corrupt
+    /// (read on, at most 64 MiB, to find out), else `e`.
+    fn explain(&mut self, path: &Path, e: DataError) -> DataError {
+        match self.fill(path, 64 << 20, true) {
+            Err(g @ DataError::Gzip { .. }) => g,
+            _ => e,
+        }
+    }
+
+    fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Source::Plain(raw) => raw,
+            Source::Gzip { out, .. } => out,
+        }
     }
 }
 
-/// The rotation of a NIfTI quaternion `(b, c, d)`, as in `nifti1_io.c`.
 fn quaternion_matrix(b: f64, c: f64, d: f64) -> [[f64; 3]; 3] {
     let (mut a, mut b, mut c, mut d) = (1.0 - (b * b + c * c + d * d), b, c, d);
     if a < 1e-7 {
@@ -178,23 +258,31 @@ pub fn header_affine(h: &NiftiHeader) -> (Affine, &'static str) {
 
 /// Parses and checks the header; returns it with the voxel bytes and the facts.
 fn parse(path: &Path) -> Result<(NiftiHeader, Vec<u8>, NiftiInfo), DataError> {
-    let (bytes, gzip) = read_bytes(path)?;
+    let mut source = Source::open(path)?;
+    let gzip = source.is_gzip();
     let fmt = |message: String| DataError::Format {
         path: path.to_path_buf(),
         message,
     };
-    if bytes.len() < 348 {
-        return Err(fmt(format!(
+    let bytes = source.fill(path, HEADER_BYTES as u64, false)?;
+    if bytes.len() < HEADER_BYTES {
+        let e = fmt(format!(
             "file is too short for a header ({} bytes, need 348)",
             bytes.len()
-        )));
+        ));
+        return Err(source.explain(path, e));
     }
     let sizeof_hdr = i32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
     if sizeof_hdr == 540 || sizeof_hdr.swap_bytes() == 540 {
         return Err(fmt("NIfTI-2 files are not supported".into()));
     }
-    let mut header = NiftiHeader::from_reader(Cursor::new(&bytes[..]))
-        .map_err(|e| fmt(format!("cannot parse the header: {e}")))?;
+    let mut header = match NiftiHeader::from_reader(Cursor::new(&bytes[..HEADER_BYTES])) {
+        Ok(h) => h,
+        Err(e) => {
+            let e = fmt(format!("cannot parse the header: {e}"));
+            return Err(source.explain(path, e));
+        }
+    };
     // As nibabel: a zero or non-finite slope means "no scaling"; a non-finite intercept 0.
     if header.scl_slope == 0.0 || !header.scl_slope.is_finite() {
         header.scl_slope = 1.0;
@@ -235,43 +323,63 @@ fn parse(path: &Path) -> Result<(NiftiHeader, Vec<u8>, NiftiInfo), DataError> {
             pixdim: [header.pixdim[1], header.pixdim[2], header.pixdim[3]],
         });
     }
-    let (affine, source) = header_affine(&header);
+    let (affine, affine_source) = header_affine(&header);
     if invert_affine(&affine).is_none() || affine.iter().flatten().any(|x| !x.is_finite()) {
         return Err(DataError::BadAffine {
             path: path.to_path_buf(),
             affine: format_affine(&affine),
         });
     }
+    let spacing = spacing_of(&affine);
+    if let Some(axis) = (0..3).find(|&a| spacing[a] > MAX_SPACING_MM) {
+        return Err(fmt(format!(
+            "spacing {:.6} mm along axis {axis} (from the {affine_source}{}) is above {MAX_SPACING_MM} mm: no medical volume has voxels that large (a wrong header?)",
+            spacing[axis],
+            if affine_source == "pixdim" { format!(", pixdim[{}]", axis + 1) } else { String::new() }
+        )));
+    }
     let datatype = header.data_type().map_err(|e| DataError::Unsupported {
         path: path.to_path_buf(),
         datatype: format!("code {} ({e})", header.datatype),
     })?;
-    let offset = header.vox_offset.max(0.0) as usize;
-    let n: usize = dim[..3].iter().product();
-    let need = n * datatype.size_of();
-    if bytes.len() < offset + need {
+    let vox_offset = header.vox_offset as f64;
+    if !vox_offset.is_finite() || vox_offset < MIN_VOX_OFFSET {
         return Err(fmt(format!(
-            "file is truncated: {need} bytes of voxel data expected after offset {offset}, found {}",
-            bytes.len().saturating_sub(offset)
+            "vox_offset {vox_offset} is not a valid offset: a single-file NIfTI-1 image keeps its voxels at byte {MIN_VOX_OFFSET} or later"
         )));
     }
+    let too_large = || fmt(format!("vox_offset {vox_offset} and dim {dim:?} describe more bytes than any file holds"));
+    let offset = u64::try_from(vox_offset as u128).map_err(|_| too_large())?;
+    let need = dim[..3]
+        .iter()
+        .try_fold(datatype.size_of() as u64, |acc, &d| acc.checked_mul(d as u64))
+        .ok_or_else(too_large)?;
+    let end = offset.checked_add(need).ok_or_else(too_large)?;
+    let bytes = source.fill(path, end.saturating_add(TRAILING_SLACK), true)?;
+    if (bytes.len() as u64) < end {
+        return Err(fmt(format!(
+            "file is truncated: {need} bytes of voxel data expected after vox_offset {offset}, found {}",
+            (bytes.len() as u64).saturating_sub(offset)
+        )));
+    }
+    let (offset, need) = (offset as usize, need as usize);
     let info = NiftiInfo {
         datatype: datatype_name(datatype),
         shape: [dim[0], dim[1], dim[2]],
         dim,
         pixdim,
-        spacing: spacing_of(&affine),
+        spacing,
         scl_slope: header.scl_slope as f64,
         scl_inter: header.scl_inter as f64,
         sform_code: header.sform_code,
         qform_code: header.qform_code,
-        affine_source: source.into(),
+        affine_source: affine_source.into(),
         affine,
         orientation: axcodes(&affine),
         big_endian: header.endianness == nifti::Endianness::Big,
         gzip,
     };
-    let mut voxels = bytes;
+    let mut voxels = source.into_bytes();
     voxels.truncate(offset + need);
     voxels.drain(..offset);
     Ok((header, voxels, info))

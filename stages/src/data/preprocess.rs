@@ -21,7 +21,7 @@ use crate::data::croppad::{
 use crate::data::error::DataError;
 use crate::data::intensity::{percentile_normalize, window};
 use crate::data::resample::{ras_grid, resample_linear, resample_nearest};
-use crate::data::volume::{check_same_grid, LabelVolume, Volume};
+use crate::data::volume::{check_same_grid, spacing_of, LabelVolume, Volume};
 
 /// How intensities are normalised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -159,8 +159,22 @@ pub fn preprocess(
         )),
         IntensityMode::None => None,
     };
-    // 1 + 3. RAS and spacing: one resampling onto the reoriented, rescaled grid
+    // 1 + 3. RAS and spacing: one resampling onto the reoriented, rescaled grid, whose
+    // size is checked before anything is allocated: a grid with more voxels than
+    // `max_size` holds would be mostly cropped away (a wrong spacing in the header).
     let grid = ras_grid(img.shape, &img.affine, cfg.spacing);
+    let voxels: f64 = grid.shape.iter().map(|&n| n as f64).product();
+    let limit: f64 = cfg.max_size.iter().map(|&n| n as f64).product();
+    if voxels > limit {
+        return Err(DataError::Invalid(format!(
+            "resampling the {:?} image of spacing {:?} mm (from its affine) to {:?} mm gives a {:?} grid ({voxels:.3e} voxels), more than max_size {:?} holds ({limit:.3e}): is the header's spacing right? (or raise max_size)",
+            image.shape,
+            spacing_of(&image.affine),
+            cfg.spacing,
+            grid.shape,
+            cfg.max_size
+        )));
+    }
     let mut img = resample_linear(&img, &grid);
     if cfg.clip && applied.is_some() {
         // Interpolation is a convex combination, but f32 rounding can step an ulp outside.
@@ -285,6 +299,31 @@ mod tests {
         let below = out.image.data.iter().filter(|&&x| x == 0.0).count();
         let above = out.image.data.iter().filter(|&&x| x == 1.0).count();
         assert_eq!((below, above), (5 * 8, 5 * 8)); // values 0..=4 and 995..=999
+    }
+
+    /// A header spacing that resampling would blow up (here 40 mm on a 64^3 volume:
+    /// a 1681^3 grid, 19 GB of float32) is refused before the grid is allocated.
+    #[test]
+    fn a_target_grid_larger_than_max_size_is_refused_before_allocating() {
+        let mut affine = crate::data::volume::IDENTITY;
+        for (a, row) in affine.iter_mut().take(3).enumerate() {
+            row[a] = 40.0;
+        }
+        let img = Volume::filled([64, 64, 64], affine, 0.0);
+        let e = preprocess(&img, None, &PreprocessConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("spacing [40.0, 40.0, 40.0] mm (from its affine) to [1.5, 1.5, 1.5] mm gives a [1681, 1681, 1681] grid")
+                && e.contains("more than max_size [512, 512, 768] holds"),
+            "{e}"
+        );
+        // At max_size exactly it is not refused.
+        let cfg = PreprocessConfig {
+            spacing: [40.0, 40.0, 40.0],
+            ..Default::default()
+        };
+        assert!(preprocess(&img, None, &cfg).is_ok());
     }
 
     #[test]

@@ -270,11 +270,86 @@ fn bad_files_name_the_file_and_the_problem() {
     let b = std::fs::read(&good).unwrap();
     std::fs::write(&short, &b[..b.len() - 10]).unwrap();
     let e = err(&short);
-    assert!(e.contains("short.nii': not a valid NIfTI-1 file: file is truncated: 120 bytes of voxel data expected after offset 352, found 110"), "{e}");
+    assert!(e.contains("short.nii': not a valid NIfTI-1 file: file is truncated: 120 bytes of voxel data expected after vox_offset 352, found 110"), "{e}");
 
     let junk = dir.path().join("junk.nii");
     std::fs::write(&junk, vec![7u8; 400]).unwrap();
     assert!(err(&junk).contains("junk.nii': not a valid NIfTI-1 file"));
     let e = err(&dir.path().join("missing.nii"));
     assert!(e.contains("missing.nii': No such file"), "{e}");
+}
+
+/// Hostile headers (issue 19, item 5): each is an error naming the file and the field,
+/// found before any large allocation, never a panic.
+#[test]
+fn hostile_headers_are_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = sample();
+    let good = dir.path().join("good.nii");
+    write_nifti(&good, &v, NiftiDtype::Float32).unwrap();
+    let err = |p: &Path| read_nifti(p).unwrap_err().to_string();
+    let variant = |name: &str, at: usize, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::copy(&good, &p).unwrap();
+        patch(&p, at, bytes);
+        p
+    };
+    // vox_offset (byte 108, float32) far past the end: was a slice-index panic.
+    let e = err(&variant("far.nii", 108, &1e30f32.to_le_bytes()));
+    assert!(
+        e.contains("far.nii': not a valid NIfTI-1 file: vox_offset 1000000015047466200000000000000 and dim [5, 4, 3] describe more bytes than any file holds"),
+        "{e}"
+    );
+    let e = err(&variant("nan_offset.nii", 108, &f32::NAN.to_le_bytes()));
+    assert!(e.contains("nan_offset.nii'") && e.contains("vox_offset NaN is not a valid offset"), "{e}");
+    // vox_offset inside the header: was read silently from the header's bytes.
+    let e = err(&variant("inside.nii", 108, &0f32.to_le_bytes()));
+    assert!(
+        e.contains("inside.nii': not a valid NIfTI-1 file: vox_offset 0 is not a valid offset: a single-file NIfTI-1 image keeps its voxels at byte 352 or later"),
+        "{e}"
+    );
+    let e = err(&variant("beyond.nii", 108, &4096f32.to_le_bytes()));
+    assert!(e.contains("beyond.nii'") && e.contains("file is truncated: 240 bytes of voxel data expected after vox_offset 4096"), "{e}");
+    // Spacing of 1e6 mm and 60 mm in the sform (srow_x[0], byte 280): resampling
+    // would have allocated without bound (a capacity overflow, or 434 MB).
+    for (name, sx) in [("huge.nii", 1e6f32), ("sixty.nii", 60.0)] {
+        let e = err(&variant(name, 280, &sx.to_le_bytes()));
+        assert!(
+            e.contains(&format!("{name}': not a valid NIfTI-1 file: spacing {:.6} mm along axis 0 (from the sform) is above 50 mm", sx)),
+            "{e}"
+        );
+    }
+    // 50 mm is still read.
+    assert!(read_nifti(&variant("fifty.nii", 280, &50f32.to_le_bytes())).is_ok());
+
+    // A gzip bomb: a 60-voxel header followed by 1 GiB of zeros, about 1 MB compressed.
+    // Decompression stops 1 MiB past what the header needs.
+    let bomb = dir.path().join("bomb.nii.gz");
+    {
+        use std::io::Write;
+        let head = std::fs::read(&good).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&bomb).unwrap(),
+            flate2::Compression::fast(),
+        );
+        gz.write_all(&head).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..1024 {
+            gz.write_all(&zeros).unwrap();
+        }
+        gz.finish().unwrap();
+    }
+    let size = std::fs::metadata(&bomb).unwrap().len();
+    assert!(size < 8 << 20, "the bomb is small on disk ({size} bytes)");
+    let e = err(&bomb);
+    assert!(
+        e.contains("bomb.nii.gz': not a valid NIfTI-1 file: decompresses to more than the 1049168 bytes its header describes"),
+        "{e}"
+    );
+    // A good file with a few trailing bytes (within the slack) still reads.
+    let tail = dir.path().join("tail.nii");
+    let mut b = std::fs::read(&good).unwrap();
+    b.extend_from_slice(&[0u8; 16]);
+    std::fs::write(&tail, b).unwrap();
+    assert_eq!(read_nifti(&tail).unwrap().0.data, read_nifti(&good).unwrap().0.data);
 }

@@ -342,6 +342,16 @@ fn skip_policy_lists_skipped_subjects() {
         w.data[0] = f32::INFINITY;
         write_nifti(&d.join("imagesTr/inf.nii.gz"), &w, NiftiDtype::Float32).unwrap();
         std::fs::write(d.join("imagesTr/junk.nii"), b"not a nifti file at all").unwrap();
+        // Hostile headers (issue 19, item 5) are skipped too, not a panic of the stage.
+        let hostile = |name: &str, at: usize, value: f32| {
+            let p = d.join(format!("imagesTr/{name}"));
+            write_nifti(&p, &vol([6, 5, 4], 1.0), NiftiDtype::Int16).unwrap();
+            let mut b = std::fs::read(&p).unwrap();
+            b[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            std::fs::write(&p, b).unwrap();
+        };
+        hostile("offset.nii", 108, 1e30);
+        hostile("spacing.nii", 280, 1e6);
     });
     p.run_ok(&INGEST.replace("ON_ERROR", "skip"));
     let items = p.items("ingest", "subjects");
@@ -351,15 +361,19 @@ fn skip_policy_lists_skipped_subjects() {
     assert_eq!(items[0].attr_i64("domain_id"), Some(3));
     let report = read_json(&p.output("ingest", "report").join("report.json"));
     let skipped = report["skipped"].as_array().unwrap();
-    assert_eq!(skipped.len(), 2);
-    assert_eq!(skipped[0]["file"], "imagesTr/inf.nii.gz");
-    assert!(skipped[0]["error"].as_str().unwrap().contains("NaN or Inf"));
-    assert_eq!(skipped[1]["file"], "imagesTr/junk.nii");
-    assert!(skipped[1]["error"]
-        .as_str()
-        .unwrap()
-        .contains("not a valid NIfTI-1 file"));
-    assert_eq!(p.metrics("ingest")["skipped"], 2);
+    assert_eq!(skipped.len(), 4, "{skipped:?}");
+    let error_of = |file: &str| {
+        skipped
+            .iter()
+            .find(|s| s["file"] == file)
+            .map(|s| s["error"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("{file} not skipped: {skipped:?}"))
+    };
+    assert!(error_of("imagesTr/inf.nii.gz").contains("NaN or Inf"));
+    assert!(error_of("imagesTr/junk.nii").contains("not a valid NIfTI-1 file"));
+    assert!(error_of("imagesTr/offset.nii").contains("offset.nii': not a valid NIfTI-1 file: vox_offset"));
+    assert!(error_of("imagesTr/spacing.nii").contains("spacing.nii': not a valid NIfTI-1 file: spacing 1000000.000000 mm along axis 0"));
+    assert_eq!(p.metrics("ingest")["skipped"], 4);
 }
 
 #[test]
