@@ -175,6 +175,15 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
                         items,
                         ..
                     } => match store.lease_info(key) {
+                        Some((info, _)) if store.lease_stale_reason(key).is_some() => (
+                            "stale".to_string(),
+                            format!(
+                                "a lease of pid {} on {} that nothing holds: {} (the next run breaks it)",
+                                info.pid,
+                                info.host,
+                                store.lease_stale_reason(key).unwrap_or_default()
+                            ),
+                        ),
                         Some((info, age)) => (
                             "running".to_string(),
                             format!(
@@ -388,6 +397,9 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             )?;
             let h = load_history(&store, &p);
             let name = name.unwrap_or_else(|| p.name.clone());
+            if name.trim().is_empty() {
+                bail!("--name must not be empty: it names the pin (a file under '{}')", store.root().join("pins").display());
+            }
             store.pin(&name, &h.keys)?;
             println!("pinned {} object(s) as '{name}'", h.keys.len());
             Ok(0)

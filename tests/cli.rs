@@ -472,6 +472,10 @@ fn gc_removes_what_no_pipeline_uses() {
     assert_eq!(pr.objects(), 1);
     let plan = run_ok(&["plan", &p]);
     assert!(text(&plan).contains("1 of 1 stage(s) cached"));
+    // An empty pin name is a clear error (issue 19, item 6), not an OS error.
+    let out = meduet().args(["pin", &p, "--name", ""]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("--name must not be empty"), "{}", text(&out));
 }
 
 #[test]
@@ -496,6 +500,32 @@ fn graph_and_status_and_show() {
             .any(|l| l.starts_with("b ") && l.contains("missing")),
         "{st}"
     );
+    // A lease left by a dead process (issue 19, item 6) is shown as stale, not running.
+    let plan: serde_json::Value =
+        serde_json::from_slice(&run_ok(&["plan", &p, "--json"]).stdout).unwrap();
+    let key_b = plan.as_array().unwrap().iter().find(|s| s["name"] == "b").unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut dead = Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    std::fs::create_dir_all(pr.cache().join("leases")).unwrap();
+    std::fs::write(
+        pr.cache().join(format!("leases/{key_b}.lease")),
+        format!(r#"{{"host":"{}","pid":{dead_pid},"started_unix":0,"holder":"b"}}"#, host.trim()),
+    )
+    .unwrap();
+    let st = String::from_utf8_lossy(&run_ok(&["status", &p]).stdout).into_owned();
+    assert!(
+        st.lines().any(|l| l.starts_with("b ")
+            && l.contains(" stale ")
+            && l.contains(&format!("its owner pid {dead_pid}"))
+            && l.contains("is dead")),
+        "{st}"
+    );
+    run_ok(&["run", &p]);
     let show = String::from_utf8_lossy(&run_ok(&["show", &p, "a", "--log"]).stdout).into_owned();
     assert!(
         show.contains("outputs") && show.contains("text ") && show.contains("wrote 0 of 1 bytes"),

@@ -127,6 +127,13 @@ impl Store {
         Some((info, age(&path)?))
     }
 
+    /// Why the lease of `key` is stale (its owner on this host is dead, or its heartbeat
+    /// stopped), or `None` when it is live or absent. A stale lease is broken by the next
+    /// run that needs the key.
+    pub fn lease_stale_reason(&self, key: &StageKey) -> Option<String> {
+        self.stale_reason(key, &host_name(), LeaseOptions::default())
+    }
+
     /// Takes the lease of `key`, or waits for whoever holds it. Returns
     /// [`Acquired::ObjectReady`] as soon as the object exists. `cancelled` is polled
     /// while waiting.

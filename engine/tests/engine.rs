@@ -594,6 +594,15 @@ fn validation_errors_name_problem_and_location() {
         e.contains("included file 'missing.toml' does not exist"),
         "{e}"
     );
+    // Issue 19, item 6: a stage name with '.' (references could not name it), an empty
+    // file, a folder given to include.
+    let e = err(&pr, "[stages.\"a.b\"]\nkind = \"text\"\n");
+    assert!(e.contains("invalid stage name 'a.b' (letters, digits, '-', '_' only)"), "{e}");
+    let e = err(&pr, "# nothing yet\n");
+    assert!(e.contains("bad.toml:1:1: the pipeline declares no stages"), "{e}");
+    std::fs::create_dir_all(pr.path("sub")).unwrap();
+    let e = err(&pr, "include = [\"sub\"]\n[stages.a]\nkind = \"text\"\n");
+    assert!(e.contains("included file 'sub' is a folder, not a pipeline file"), "{e}");
     // Absolute paths never enter keys.
     let e = err(&pr, "[stages.a]\nkind = \"text\"\ntext = \"/etc/passwd\"\n");
     assert!(e.contains("absolute path '/etc/passwd'"), "{e}");

@@ -151,10 +151,15 @@ fn load_rec(file: &Path, chain: &mut Vec<PathBuf>) -> Result<RawPipeline, Pipeli
     for inc in &repr.include {
         let inc_path = absolute(&base.join(inc.get_ref()));
         if !inc_path.is_file() {
+            let what = if inc_path.is_dir() {
+                "is a folder, not a pipeline file"
+            } else {
+                "does not exist"
+            };
             return Err(PipelineError::Invalid {
                 at: loc(file, &text, inc.span().start),
                 message: format!(
-                    "included file '{}' does not exist (resolved to '{}')",
+                    "included file '{}' {what} (resolved to '{}')",
                     inc.get_ref(),
                     inc_path.display()
                 ),

@@ -16,7 +16,8 @@
 //! Every image (and label) is read completely and checked (see
 //! [`crate::data::nifti_io`]); a label must match its image's shape and affine within
 //! `geometry_tolerance_mm`. A failing subject fails the stage (`on_error = "fail"`) or is
-//! skipped and listed in the report (`"skip"`). A dataset with no image is always an error.
+//! skipped and listed in the report (`"skip"`): a dataset's own `on_error`, else the
+//! stage's (default `"fail"`). A dataset with no image is always an error.
 //!
 //! Output `subjects`: one item per subject, id `<dataset>_<case>`, holding `subject.json`
 //! ([`SubjectRecord`]: content digests and header facts, no paths outside the dataset);
@@ -65,8 +66,9 @@ pub struct DatasetSpec {
     /// Label folder inside `path` (default: `labelsTr` if present, else none).
     #[serde(default)]
     pub labels: Option<String>,
+    /// This dataset's policy; unset: the stage's `on_error`.
     #[serde(default)]
-    pub on_error: OnError,
+    pub on_error: Option<OnError>,
 }
 
 /// Parameters of `ingest`.
@@ -74,7 +76,8 @@ pub struct DatasetSpec {
 #[serde(deny_unknown_fields, default)]
 pub struct IngestParams {
     pub datasets: Vec<DatasetSpec>,
-    /// Policy for the datasets of the `datasets` input.
+    /// Policy for the datasets of the `datasets` input and for every dataset of the
+    /// parameter that does not set its own.
     pub on_error: OnError,
     /// Largest label/image affine difference accepted (mm, at a grid corner).
     pub geometry_tolerance_mm: f64,
@@ -370,9 +373,9 @@ impl Stage for Ingest {
     fn validate(&self, p: &IngestParams) -> Result<(), String> {
         let mut names = std::collections::BTreeSet::new();
         for (i, d) in p.datasets.iter().enumerate() {
-            if d.name.is_empty() || sanitize(&d.name) != d.name {
+            if d.name.is_empty() || d.name.starts_with('.') || sanitize(&d.name) != d.name {
                 return Err(format!(
-                    "datasets[{i}].name '{}' must be letters, digits, '-', '_' or '.'",
+                    "datasets[{i}].name: '{}' must be letters, digits, '-', '_' or '.', not starting with '.'",
                     d.name
                 ));
             }
@@ -414,7 +417,7 @@ impl Stage for Ingest {
                 files,
                 images: d.images.clone(),
                 labels: d.labels.clone(),
-                on_error: d.on_error,
+                on_error: d.on_error.unwrap_or(p.on_error),
                 truth: None,
             });
         }
@@ -461,12 +464,18 @@ impl Stage for Ingest {
         for (j, r) in jobs.iter().zip(results) {
             match r {
                 Ok(rec) => records.push(rec),
-                Err(e) if j.ds.on_error == OnError::Skip => skipped.push(Skipped {
-                    dataset: j.ds.name.clone(),
-                    case: j.case.clone(),
-                    file: j.image.rel.clone(),
-                    error: e,
-                }),
+                Err(e) if j.ds.on_error == OnError::Skip => {
+                    tracing::warn!("skipped {}/{}: {e}", j.ds.name, j.image.rel);
+                    // The report holds paths inside the dataset only (it is an output:
+                    // no machine's absolute paths in it).
+                    let root = format!("{}/", j.ds.root.display());
+                    skipped.push(Skipped {
+                        dataset: j.ds.name.clone(),
+                        case: j.case.clone(),
+                        file: j.image.rel.clone(),
+                        error: e.replace(&root, ""),
+                    })
+                }
                 Err(e) => failures.push(e),
             }
         }
@@ -516,9 +525,6 @@ impl Stage for Ingest {
             serde_json::to_vec_pretty(&report).expect("json serializes"),
         )
         .map_err(|e| StageError::io(&path, e))?;
-        for s in &skipped {
-            tracing::warn!("skipped {}/{}: {}", s.dataset, s.file, s.error);
-        }
         ctx.set_metric("subjects", records.len());
         ctx.set_metric("skipped", skipped.len());
         ctx.set_metric("ignored_files", ignored.len());
