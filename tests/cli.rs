@@ -244,6 +244,79 @@ inputs = { parts = ["b.text", "a.text"] }
     );
 }
 
+/// Flips the first byte of a committed (read-only) file, as a disk error or a careless
+/// edit would.
+fn flip_first_byte(f: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(f).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::write(f, bytes).unwrap();
+}
+
+fn object_with_text(pr: &Project, want: &str) -> PathBuf {
+    std::fs::read_dir(pr.cache().join("objects"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|d| std::fs::read_to_string(d.join("out/text/text.txt")).is_ok_and(|t| t == want))
+        .unwrap_or_else(|| panic!("no object holds '{want}'"))
+}
+
+/// Issue 19, item 4: committed files are read-only; a corrupt input object never
+/// spreads downstream (the stage that would read it fails naming the file, the object is
+/// quarantined, the next run recomputes both); an object that lost a file is "gone" for
+/// plan and run, not an i/o error on every run; gc sweeps folders without a manifest.
+#[test]
+fn a_corrupt_input_is_refused_and_recomputed_never_spread() {
+    use std::os::unix::fs::PermissionsExt;
+    let pr = Project::new();
+    let a = "[stages.a]\nkind = \"text\"\ntext = \"precious data\"\n";
+    let p = pr.write("p.toml", a);
+    run_ok(&["run", &p]);
+    let obj = object_with_text(&pr, "precious data");
+    let f = obj.join("out/text/text.txt");
+    for file in [&f, &obj.join("manifest.json")] {
+        let mode = std::fs::metadata(file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o222, 0, "{} is read-only ({mode:o})", file.display());
+    }
+    flip_first_byte(&f);
+    pr.write("p.toml", &format!("{a}[stages.c]\nkind = \"transform\"\ninputs = {{ text = \"a.text\" }}\nop = \"upper\"\n"));
+    let out = meduet().args(["run", &p]).output().unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("stage 'c' failed")
+            && t.contains("input 'a.text' does not match its manifest: file '")
+            && t.contains("out/text/text.txt' has digest")
+            && t.contains("was moved to '")
+            && t.contains("run again to recompute it"),
+        "{t}"
+    );
+    assert!(!obj.exists(), "the corrupt object was quarantined");
+    let rerun = run_ok(&["run", &p]);
+    assert!(text(&rerun).contains("2 stage(s) computed"), "{}", text(&rerun));
+    let c = object_with_text(&pr, "PRECIOUS DATA");
+    assert!(c.is_dir() && object_with_text(&pr, "precious data").is_dir());
+    let clean = run_ok(&["verify", &p]);
+    assert!(text(&clean).contains("verified 2 object(s)"), "{}", text(&clean));
+
+    // A file gone from an object: the object is gone, and the run replaces it.
+    let obj = object_with_text(&pr, "precious data");
+    std::fs::remove_file(obj.join("out/text/text.txt")).unwrap();
+    let plan = run_ok(&["plan", &p]);
+    assert!(text(&plan).contains("will run  a"), "{}", text(&plan));
+    let rerun = run_ok(&["run", &p]);
+    assert!(text(&rerun).contains("1 stage(s) computed, 1 cached"), "{}", text(&rerun));
+    assert!(object_with_text(&pr, "precious data").is_dir());
+
+    // gc sweeps a folder under objects/ that has no manifest.
+    let stray = pr.cache().join("objects").join("ab".repeat(32));
+    std::fs::create_dir_all(stray.join("out")).unwrap();
+    std::fs::write(stray.join("out/x"), "half").unwrap();
+    run_ok(&["gc", &p]);
+    assert!(!stray.exists());
+}
+
 #[test]
 fn corrupt_object_is_reported_and_recomputed() {
     let pr = Project::new();
@@ -266,9 +339,7 @@ fn corrupt_object_is_reported_and_recomputed() {
         })
         .unwrap();
     let f = obj.join("out/text/text.txt");
-    let mut bytes = std::fs::read(&f).unwrap();
-    bytes[0] ^= 0x20;
-    std::fs::write(&f, bytes).unwrap();
+    flip_first_byte(&f);
     let out = meduet().args(["verify", &p]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let t = text(&out);

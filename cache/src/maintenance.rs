@@ -147,6 +147,27 @@ impl Store {
                 fs::remove_dir_all(&dir).at(&dir)?;
             }
         }
+        // Folders under objects/ without a manifest are not objects (an interrupted
+        // quarantine, a hand copy): swept unless someone holds their key's lease.
+        let objects = self.root().join("objects");
+        for e in fs::read_dir(&objects).at(&objects)? {
+            let p = e.at(&objects)?.path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if p.join(crate::store::MANIFEST_FILE).is_file()
+                || StageKey::parse_hex(&name).is_ok_and(|k| self.lease_info(&k).is_some())
+            {
+                continue;
+            }
+            report.bytes += dir_bytes(&p);
+            report.removed_tmp.push(p.clone());
+            if !dry_run {
+                if p.is_dir() {
+                    fs::remove_dir_all(&p).at(&p)?;
+                } else {
+                    fs::remove_file(&p).at(&p)?;
+                }
+            }
+        }
         for (sub, list) in [("scratch", 0), ("tmp", 1)] {
             let d = self.root().join(sub);
             for e in fs::read_dir(&d).at(&d)? {

@@ -12,7 +12,7 @@
 //!   roots/<name>.json                gc roots: keys of the last run of each pipeline
 //!   pins/<name>                      gc roots: pinned keys, one per line
 //!   memo/                            file-digest memo (see `hashing`)
-//!   quarantine/<key>.<time>/         objects that failed verification
+//!   quarantine/<key>.<time>.<n>/     objects that failed verification
 //! ```
 //!
 //! Commit protocol: a stage writes into `tmp/<key>.<unique>/`, every file is hashed and
@@ -20,6 +20,12 @@
 //! `objects/<key>`. A crash at any point leaves at worst a `tmp/` folder, which no run
 //! ever trusts. A failed or cancelled stage never commits (the [`Staging`] guard removes
 //! its folder when dropped).
+//!
+//! Committed files are made read-only, and an object whose manifest lists a file that is
+//! gone is not an object ([`Store::load`] says `None`, so plan and run recompute it, and
+//! the recomputed object replaces it). [`Store::check_files`] compares an object's files
+//! with its manifest (sizes, and digests through the memo, so an unchanged file is not
+//! re-read): executors call it on a stage's inputs before the stage reads them.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -52,6 +58,16 @@ pub struct Object {
 }
 
 impl Object {
+    /// Every file the manifest lists, relative to the object folder.
+    pub fn listed_files(&self) -> impl Iterator<Item = String> + '_ {
+        let outputs = self.manifest.outputs.iter().flat_map(|(name, out)| {
+            out.files
+                .keys()
+                .map(move |rel| format!("{OUT_DIR}/{name}/{rel}"))
+        });
+        outputs.chain(self.manifest.meta_files.keys().cloned())
+    }
+
     pub fn key(&self) -> StageKey {
         self.manifest.key
     }
@@ -105,13 +121,76 @@ impl Store {
         DigestMemo::new(self.root.join("memo"))
     }
 
-    /// Whether a committed object exists for `key` (its manifest exists).
+    /// Whether a whole committed object exists for `key`: its manifest, and every file
+    /// the manifest lists (see [`Store::load`]).
     pub fn contains(&self, key: &StageKey) -> bool {
-        self.object_dir(key).join(MANIFEST_FILE).is_file()
+        self.load(key).is_ok_and(|o| o.is_some())
     }
 
-    /// Loads the object for `key`, if committed.
+    /// Loads the object for `key`, if committed and whole: an object whose manifest
+    /// lists a file that is gone is treated as absent (with a warning), so that it is
+    /// recomputed rather than failing every stage that reads it.
     pub fn load(&self, key: &StageKey) -> Result<Option<Object>> {
+        let Some(obj) = self.load_manifest(key)? else {
+            return Ok(None);
+        };
+        if let Some(rel) = obj.listed_files().find(|rel| !obj.dir.join(rel).exists()) {
+            tracing::warn!(
+                key = %key.short(),
+                "object {} lacks its file '{rel}': treated as gone (the next run recomputes it)",
+                obj.dir.display()
+            );
+            return Ok(None);
+        }
+        Ok(Some(obj))
+    }
+
+    /// Compares the files of `output` of `obj` (every output when `None`) with its
+    /// manifest: presence, size, and the blake3 digest through the memo (a file whose
+    /// inode, size and mtime are unchanged since it was last hashed is not re-read).
+    /// Returns the first difference, naming the file.
+    pub fn check_files(&self, obj: &Object, output: Option<&str>) -> std::result::Result<(), String> {
+        let memo = self.memo();
+        let files: Vec<(String, &FileEntry)> = obj
+            .manifest
+            .outputs
+            .iter()
+            .filter(|(name, _)| output.is_none_or(|o| o == name.as_str()))
+            .flat_map(|(name, out)| {
+                out.files
+                    .iter()
+                    .map(move |(rel, f)| (format!("{OUT_DIR}/{name}/{rel}"), f))
+            })
+            .collect();
+        files.par_iter().try_for_each(|(rel, f)| {
+            let path = obj.dir.join(rel);
+            let size = fs::metadata(&path)
+                .map_err(|e| format!("file '{}': {e}", path.display()))?
+                .len();
+            if size != f.size {
+                return Err(format!(
+                    "file '{}' has {size} bytes, its manifest says {}",
+                    path.display(),
+                    f.size
+                ));
+            }
+            let (digest, _) = memo
+                .digest(&path)
+                .map_err(|e| format!("file '{}': {e}", path.display()))?;
+            if digest != f.digest {
+                return Err(format!(
+                    "file '{}' has digest {}, its manifest says {}",
+                    path.display(),
+                    digest.short(),
+                    f.digest.short()
+                ));
+            }
+            Ok(())
+        })
+    }
+
+    /// Reads and checks the manifest of `key`, without looking at the files.
+    fn load_manifest(&self, key: &StageKey) -> Result<Option<Object>> {
         let dir = self.object_dir(key);
         let path = dir.join(MANIFEST_FILE);
         let bytes = match fs::read(&path) {
@@ -180,7 +259,7 @@ impl Store {
     pub fn quarantine(&self, key: &StageKey) -> Result<PathBuf> {
         let qdir = self.root.join("quarantine");
         fs::create_dir_all(&qdir).at(&qdir)?;
-        let dest = qdir.join(format!("{}.{}", key.to_hex(), now_unix()));
+        let dest = qdir.join(format!("{}.{}.{}", key.to_hex(), now_unix(), unique_suffix()));
         let src = self.object_dir(key);
         fs::rename(&src, &dest).at(&src)?;
         Ok(dest)
@@ -291,8 +370,13 @@ impl Staging {
             .map(|(rel, abs)| {
                 let f = fs::File::open(abs).at(abs)?;
                 f.sync_all().at(abs)?;
-                let size = f.metadata().at(abs)?.len();
+                let meta = f.metadata().at(abs)?;
+                let size = meta.len();
                 let digest = hash_file(abs).at(abs)?;
+                // Committed files are immutable: read-only for everyone.
+                let mut perms = meta.permissions();
+                perms.set_readonly(true);
+                fs::set_permissions(abs, perms).at(abs)?;
                 Ok((rel.clone(), FileEntry { size, digest }))
             })
             .collect::<Result<_>>()?;
@@ -339,6 +423,9 @@ impl Staging {
         let mpath = self.dir.join(MANIFEST_FILE);
         let text = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
         write_atomic(&mpath, &text, true).at(&mpath)?;
+        let mut perms = fs::metadata(&mpath).at(&mpath)?.permissions();
+        perms.set_readonly(true);
+        fs::set_permissions(&mpath, perms).at(&mpath)?;
         for d in walk_dirs(&self.dir) {
             sync_dir(&d).at(&d)?;
         }
@@ -347,6 +434,10 @@ impl Staging {
             // A folder without a manifest is never an object (left by a quarantine
             // interrupted half-way, for instance): replace it.
             fs::remove_dir_all(&dest).at(&dest)?;
+        } else if dest.exists() && self.store.load(&self.key)?.is_none() {
+            // An object that lost a file: move it aside and commit the new one.
+            let q = self.store.quarantine(&self.key)?;
+            tracing::warn!(key = %self.key.short(), "replacing an object that lost files (moved to {})", q.display());
         }
         match fs::rename(&self.dir, &dest) {
             Ok(()) => {
@@ -362,8 +453,12 @@ impl Staging {
             }
             Err(_) if dest.join(MANIFEST_FILE).is_file() => {
                 tracing::info!(key = %self.key.short(), "object committed concurrently by another process; keeping it");
-                let obj = self.store.load(&self.key)?.expect("manifest exists");
-                Ok(obj)
+                self.store.load(&self.key)?.ok_or_else(|| {
+                    CacheError::CorruptManifest {
+                        path: dest.join(MANIFEST_FILE),
+                        message: "an object committed concurrently lacks files".into(),
+                    }
+                })
             }
             Err(e) => Err(e).at(&dest),
         }

@@ -452,6 +452,58 @@ fn emitted_finish(ctx: &mut StageContext, dir: &std::path::Path) -> Result<(), S
 
 /// Executes a prepared stage on `device` with `threads` threads. With `force`, an
 /// existing object is discarded first.
+/// The key of the object holding an item folder (`objects/<key>/...`).
+fn item_object_key(store: &Store, dir: &std::path::Path) -> Option<meduet_cache::StageKey> {
+    let rel = dir.strip_prefix(store.root().join("objects")).ok()?;
+    let first = rel.components().next()?;
+    meduet_cache::StageKey::parse_hex(&first.as_os_str().to_string_lossy()).ok()
+}
+
+/// Checks, before a stage reads them, that its input objects (and, for collections, the
+/// objects holding their items) still match their manifests. A corrupt object is
+/// quarantined, so the next run recomputes it, and the stage fails naming it: nothing is
+/// ever computed from bytes that are not the ones its key promises. `only_item`
+/// (`(input, item id)`, one task of a job array) limits the mapped input's items to one.
+pub fn check_inputs(
+    store: &Store,
+    p: &Prepared,
+    only_item: Option<(&str, &str)>,
+) -> Result<(), StageError> {
+    for (name, a) in p.inputs.iter().flat_map(|(n, v)| v.iter().map(move |a| (n, a))) {
+        let mut objects: Vec<(meduet_cache::StageKey, Option<&str>)> =
+            vec![(a.key, Some(a.output.as_str()))];
+        let wanted = |id: &str| match only_item {
+            Some((input, item)) if input == name.as_str() => id == item,
+            _ => true,
+        };
+        for it in a.items.iter().filter(|it| wanted(&it.id)) {
+            if let Some(k) = item_object_key(store, &it.dir) {
+                if !objects.iter().any(|(o, _)| *o == k) {
+                    objects.push((k, None));
+                }
+            }
+        }
+        for (key, output) in objects {
+            let problem = match store.load(&key)? {
+                None => "its object is gone or lacks files".to_string(),
+                Some(obj) => match store.check_files(&obj, output) {
+                    Ok(()) => continue,
+                    Err(why) => why,
+                },
+            };
+            let moved = match store.quarantine(&key) {
+                Ok(q) => format!("; object {} was moved to '{}'", key.short(), q.display()),
+                Err(_) => String::new(),
+            };
+            return Err(StageError::input(format!(
+                "input '{}.{}' does not match its manifest: {problem}{moved}; run again to recompute it",
+                a.stage, a.output
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub fn execute(
     env: &ExecEnv,
     p: &Prepared,
@@ -475,6 +527,7 @@ pub fn execute(
             wall_seconds: t0.elapsed().as_secs_f64(),
         });
     }
+    check_inputs(store, p, None)?;
     let threads = threads.max(1);
     let stage_sink = LogSink::deferred();
     let sink = Some(stage_sink.clone());
@@ -711,6 +764,7 @@ pub fn execute_item(
                 p.stage
             ))
         })?;
+    check_inputs(&env.store, p, Some((map_input, item_id)))?;
     let threads = threads.max(1);
     let stage_sink = LogSink::deferred();
     let sink = Some(stage_sink.clone());

@@ -256,16 +256,6 @@ impl Pipeline {
         let known = registry.names().join(", ");
         let mut defs = Vec::new();
         let mut missing_files = Vec::new();
-        if raw.stages.is_empty() {
-            return Err(PipelineError::Invalid {
-                at: Location {
-                    file: raw.file.clone(),
-                    line: 1,
-                    column: 1,
-                },
-                message: "the pipeline declares no stages: nothing to run (a stage is a [stages.NAME] table with a 'kind')".into(),
-            });
-        }
         for (name, st) in &raw.stages {
             // A '.' would make "stage.output" references ambiguous.
             if crate::collection::check_item_id(name).is_err() || name.contains('.') {
@@ -628,6 +618,16 @@ impl Pipeline {
             }),
             registry,
         )?;
+        if stages.is_empty() {
+            return Err(PipelineError::Invalid {
+                at: Location {
+                    file: raw.file.clone(),
+                    line: 1,
+                    column: 1,
+                },
+                message: "the pipeline declares no stages: nothing to run (a stage is a [stages.NAME] table with a 'kind')".into(),
+            });
+        }
         missing_files.sort_by_key(|m: &MissingFile| index[&m.stage]);
         Ok(Pipeline {
             executor_config,
