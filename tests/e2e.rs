@@ -440,10 +440,29 @@ checkpoint_every = 3
 }
 
 /// A small VAE trained on 400 crops of phantoms learns: the mean L1 loss of the last 20
-/// steps is under 0.6 times that of the first 20 (measured: 0.246 -> 0.111), and the
-/// held-out reconstruction (posterior mean, whole volumes) beats the constant image at each
-/// volume's mean by more than 2 dB (measured: 12.87 -> 15.43 dB). The quickstart's longer
-/// run (1200 crops of 32^3) reaches 20.7 dB.
+/// steps is under [`VAE_L1_RATIO_FLOOR`] times that of the first 20, and the held-out
+/// reconstruction (posterior mean, whole volumes) beats the constant image at each
+/// volume's mean by more than [`VAE_PSNR_GAIN_FLOOR`] dB. The quickstart's longer run
+/// (1200 crops of 32^3) reaches 20.7 dB.
+///
+/// Measured across CPU paths (libtorch's kernels differ; the constant image is 12.87 dB
+/// on all of them), `cargo test --release -p meduet --test e2e vae_training -- --nocapture`
+/// with the variables shown:
+///
+/// | CPU, settings                                   | L1 first -> last | PSNR     | gain    |
+/// |-------------------------------------------------|------------------|----------|---------|
+/// | AMD EPYC, `ATEN_CPU_CAPABILITY=default`         | 0.2456 -> 0.1147 | 14.69 dB | 1.82 dB |
+/// | AMD EPYC, `ATEN_CPU_CAPABILITY=avx2`            | 0.2456 -> 0.1140 | 14.80 dB | 1.93 dB |
+/// | AMD EPYC, `default` + `MKL_CBWR=COMPATIBLE`     | 0.2456 -> 0.1147 | 14.69 dB | 1.82 dB |
+/// | AMD EPYC, `avx2` + `MKL_CBWR=COMPATIBLE`        | 0.2456 -> 0.1140 | 14.80 dB | 1.93 dB |
+/// | the Intel machine of the first measurement      | 0.246 -> 0.111   | 15.43 dB | 2.56 dB |
+///
+/// The gain spreads over 0.74 dB between CPUs; the floor of 1.0 dB is cleared by the
+/// worst (1.82 dB) by 0.82 dB, more than that whole spread (the earlier floor of 2.0 dB,
+/// fitted to the Intel machine, failed on AMD). The L1 ratio is 0.464-0.467 everywhere
+/// (0.45 on Intel) against a floor of 0.6.
+const VAE_PSNR_GAIN_FLOOR: f64 = 1.0;
+const VAE_L1_RATIO_FLOOR: f64 = 0.6;
 const VAE_FIT: &str = r#"
 name = "vae_fit"
 [stages.phantom]
@@ -492,7 +511,7 @@ fn vae_training_reduces_loss_and_reconstructs_heldout_volumes() {
     assert_eq!(l1.len(), 200);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (first, last) = (mean(&l1[..20]), mean(&l1[l1.len() - 20..]));
-    assert!(last < 0.6 * first, "L1 {first:.4} -> {last:.4}");
+    assert!(last < VAE_L1_RATIO_FLOOR * first, "L1 {first:.4} -> {last:.4}");
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(vae.join("eval.json")).unwrap()).unwrap();
     let psnr = eval["psnr"].as_f64().unwrap();
@@ -506,7 +525,7 @@ fn vae_training_reduces_loss_and_reconstructs_heldout_volumes() {
         "constant-image PSNR {floor:.2} dB"
     );
     assert!(
-        psnr > floor + 2.0,
+        psnr > floor + VAE_PSNR_GAIN_FLOOR,
         "held-out PSNR {psnr:.2} dB, constant image {floor:.2} dB"
     );
     assert!(vae.join("losses.png").is_file() && vae.join("recon.png").is_file());

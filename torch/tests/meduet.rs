@@ -786,7 +786,11 @@ fn switches_and_input_validation() {
 }
 
 /// A few full training steps (all losses, AdamW with timm groups, clip, EMA) on one batch
-/// lower the total loss.
+/// lower the total loss by more than 10 %. Measured (`cargo test --release -p
+/// meduet-torch --test meduet training_steps -- --nocapture`): 4.3507 -> 3.5109 (ratio
+/// 0.807) with `ATEN_CPU_CAPABILITY=default` and `avx2`, each with and without
+/// `MKL_CBWR=COMPATIBLE`, on an AMD EPYC (equal to 1e-6 across the four); the floor 0.9
+/// leaves 0.09.
 #[test]
 fn training_steps_reduce_loss() {
     tch::set_num_threads(2);
@@ -817,5 +821,5 @@ fn training_steps_reduce_loss() {
     }
     println!("total loss over 8 steps: {totals:?}");
     assert!(totals.iter().all(|t| t.is_finite()));
-    assert!(totals[7] < totals[0], "{totals:?}");
+    assert!(totals[7] < 0.9 * totals[0], "{totals:?}");
 }
