@@ -398,7 +398,10 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             let h = load_history(&store, &p);
             let name = name.unwrap_or_else(|| p.name.clone());
             if name.trim().is_empty() {
-                bail!("--name must not be empty: it names the pin (a file under '{}')", store.root().join("pins").display());
+                bail!(
+                    "--name must not be empty: it names the pin (a file under '{}')",
+                    store.root().join("pins").display()
+                );
             }
             store.pin(&name, &h.keys)?;
             println!("pinned {} object(s) as '{name}'", h.keys.len());

@@ -16,9 +16,7 @@ fn main() {
             match e.downcast_ref::<meduet_engine::EngineError>() {
                 Some(meduet_engine::EngineError::Pipeline(_)) => 2,
                 Some(meduet_engine::EngineError::Cancelled) => 130,
-                Some(meduet_engine::EngineError::MissingFiles(_)) => {
-                    commands::EXIT_MISSING_FILES
-                }
+                Some(meduet_engine::EngineError::MissingFiles(_)) => commands::EXIT_MISSING_FILES,
                 _ if e.downcast_ref::<meduet_engine::PipelineError>().is_some() => 2,
                 _ => 1,
             }

@@ -277,7 +277,12 @@ fn a_corrupt_input_is_refused_and_recomputed_never_spread() {
     let f = obj.join("out/text/text.txt");
     for file in [&f, &obj.join("manifest.json")] {
         let mode = std::fs::metadata(file).unwrap().permissions().mode();
-        assert_eq!(mode & 0o222, 0, "{} is read-only ({mode:o})", file.display());
+        assert_eq!(
+            mode & 0o222,
+            0,
+            "{} is read-only ({mode:o})",
+            file.display()
+        );
     }
     flip_first_byte(&f);
     pr.write("p.toml", &format!("{a}[stages.c]\nkind = \"transform\"\ninputs = {{ text = \"a.text\" }}\nop = \"upper\"\n"));
@@ -294,11 +299,19 @@ fn a_corrupt_input_is_refused_and_recomputed_never_spread() {
     );
     assert!(!obj.exists(), "the corrupt object was quarantined");
     let rerun = run_ok(&["run", &p]);
-    assert!(text(&rerun).contains("2 stage(s) computed"), "{}", text(&rerun));
+    assert!(
+        text(&rerun).contains("2 stage(s) computed"),
+        "{}",
+        text(&rerun)
+    );
     let c = object_with_text(&pr, "PRECIOUS DATA");
     assert!(c.is_dir() && object_with_text(&pr, "precious data").is_dir());
     let clean = run_ok(&["verify", &p]);
-    assert!(text(&clean).contains("verified 2 object(s)"), "{}", text(&clean));
+    assert!(
+        text(&clean).contains("verified 2 object(s)"),
+        "{}",
+        text(&clean)
+    );
 
     // A file gone from an object: the object is gone, and the run replaces it.
     let obj = object_with_text(&pr, "precious data");
@@ -306,7 +319,11 @@ fn a_corrupt_input_is_refused_and_recomputed_never_spread() {
     let plan = run_ok(&["plan", &p]);
     assert!(text(&plan).contains("will run  a"), "{}", text(&plan));
     let rerun = run_ok(&["run", &p]);
-    assert!(text(&rerun).contains("1 stage(s) computed, 1 cached"), "{}", text(&rerun));
+    assert!(
+        text(&rerun).contains("1 stage(s) computed, 1 cached"),
+        "{}",
+        text(&rerun)
+    );
     assert!(object_with_text(&pr, "precious data").is_dir());
 
     // gc sweeps a folder under objects/ that has no manifest.
@@ -434,7 +451,10 @@ fn a_tampered_spec_is_refused_naming_the_field() {
         serde_json::to_vec_pretty(&v).unwrap()
     };
     let refused = |spec: &str, want: &[&str]| {
-        let out = meduet().args(["exec-stage", "--spec", spec]).output().unwrap();
+        let out = meduet()
+            .args(["exec-stage", "--spec", spec])
+            .output()
+            .unwrap();
         let t = text(&out);
         assert_eq!(out.status.code(), Some(1), "{t}");
         for w in want {
@@ -461,9 +481,17 @@ fn a_tampered_spec_is_refused_naming_the_field() {
     // The untouched spec still runs; then b's input is pointed at another object.
     std::fs::write(spec_a, &original).unwrap();
     run_ok(&["exec-stage", "--spec", spec_a]);
-    let spec_o = ready_specs(&p).into_iter().find(|(s, _)| s == "o").unwrap().1;
+    let spec_o = ready_specs(&p)
+        .into_iter()
+        .find(|(s, _)| s == "o")
+        .unwrap()
+        .1;
     run_ok(&["exec-stage", "--spec", &spec_o]);
-    let spec_b = ready_specs(&p).into_iter().find(|(s, _)| s == "b").unwrap().1;
+    let spec_b = ready_specs(&p)
+        .into_iter()
+        .find(|(s, _)| s == "b")
+        .unwrap()
+        .1;
     let plan_o: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&spec_o).unwrap()).unwrap();
     let mut v: serde_json::Value =
@@ -472,14 +500,21 @@ fn a_tampered_spec_is_refused_naming_the_field() {
     v["inputs"]["text"][0]["stage"] = "o".into();
     v["inputs"]["text"][0]["digest"] = "ab".repeat(32).into();
     let bytes = serde_json::to_vec_pretty(&v).unwrap();
-    let other = pr.path(&format!(".meduet/specs/{}.json", blake3::hash(&bytes).to_hex()));
+    let other = pr.path(&format!(
+        ".meduet/specs/{}.json",
+        blake3::hash(&bytes).to_hex()
+    ));
     std::fs::write(&other, &bytes).unwrap();
     refused(other.to_str().unwrap(), &["field 'inputs.text[0].digest'"]);
     let objects = pr.objects();
     run_ok(&["exec-stage", "--spec", &spec_b]);
     assert_eq!(pr.objects(), objects + 1);
     let plan = run_ok(&["plan", &p]);
-    assert!(text(&plan).contains("3 of 3 stage(s) cached"), "{}", text(&plan));
+    assert!(
+        text(&plan).contains("3 of 3 stage(s) cached"),
+        "{}",
+        text(&plan)
+    );
     let texts: Vec<String> = std::fs::read_dir(pr.cache().join("objects"))
         .unwrap()
         .filter_map(|e| std::fs::read_to_string(e.unwrap().path().join("out/text/text.txt")).ok())
@@ -546,7 +581,11 @@ fn gc_removes_what_no_pipeline_uses() {
     // An empty pin name is a clear error (issue 19, item 6), not an OS error.
     let out = meduet().args(["pin", &p, "--name", ""]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("--name must not be empty"), "{}", text(&out));
+    assert!(
+        text(&out).contains("--name must not be empty"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -574,7 +613,12 @@ fn graph_and_status_and_show() {
     // A lease left by a dead process (issue 19, item 6) is shown as stale, not running.
     let plan: serde_json::Value =
         serde_json::from_slice(&run_ok(&["plan", &p, "--json"]).stdout).unwrap();
-    let key_b = plan.as_array().unwrap().iter().find(|s| s["name"] == "b").unwrap()["key"]
+    let key_b = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "b")
+        .unwrap()["key"]
         .as_str()
         .unwrap()
         .to_string();
@@ -585,7 +629,10 @@ fn graph_and_status_and_show() {
     std::fs::create_dir_all(pr.cache().join("leases")).unwrap();
     std::fs::write(
         pr.cache().join(format!("leases/{key_b}.lease")),
-        format!(r#"{{"host":"{}","pid":{dead_pid},"started_unix":0,"holder":"b"}}"#, host.trim()),
+        format!(
+            r#"{{"host":"{}","pid":{dead_pid},"started_unix":0,"holder":"b"}}"#,
+            host.trim()
+        ),
     )
     .unwrap();
     let st = String::from_utf8_lossy(&run_ok(&["status", &p]).stdout).into_owned();
@@ -687,7 +734,9 @@ fn every_shipped_pipeline_plans() {
         }
     }
     assert!(
-        with_missing.iter().any(|f| f.ends_with("fig5_convergence.toml")),
+        with_missing
+            .iter()
+            .any(|f| f.ends_with("fig5_convergence.toml")),
         "fig5 reads the optional I3ResNet weights: {with_missing:?}"
     );
 }

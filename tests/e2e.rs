@@ -511,7 +511,10 @@ fn vae_training_reduces_loss_and_reconstructs_heldout_volumes() {
     assert_eq!(l1.len(), 200);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (first, last) = (mean(&l1[..20]), mean(&l1[l1.len() - 20..]));
-    assert!(last < VAE_L1_RATIO_FLOOR * first, "L1 {first:.4} -> {last:.4}");
+    assert!(
+        last < VAE_L1_RATIO_FLOOR * first,
+        "L1 {first:.4} -> {last:.4}"
+    );
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(vae.join("eval.json")).unwrap()).unwrap();
     let psnr = eval["psnr"].as_f64().unwrap();

@@ -9,7 +9,15 @@ fn tree(package: &str) -> String {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["tree", "--offline", "--locked", "-e", "normal,build", "-p", package])
+        .args([
+            "tree",
+            "--offline",
+            "--locked",
+            "-e",
+            "normal,build",
+            "-p",
+            package,
+        ])
         .output()
         .unwrap();
     assert!(
@@ -22,7 +30,9 @@ fn tree(package: &str) -> String {
 
 fn torch_lines(t: &str) -> Vec<&str> {
     t.lines()
-        .filter(|l| l.contains(" tch v") || l.contains(" torch-sys v") || l.contains(" meduet-torch v"))
+        .filter(|l| {
+            l.contains(" tch v") || l.contains(" torch-sys v") || l.contains(" meduet-torch v")
+        })
         .collect()
 }
 

@@ -149,7 +149,11 @@ impl Store {
     /// manifest: presence, size, and the blake3 digest through the memo (a file whose
     /// inode, size and mtime are unchanged since it was last hashed is not re-read).
     /// Returns the first difference, naming the file.
-    pub fn check_files(&self, obj: &Object, output: Option<&str>) -> std::result::Result<(), String> {
+    pub fn check_files(
+        &self,
+        obj: &Object,
+        output: Option<&str>,
+    ) -> std::result::Result<(), String> {
         let memo = self.memo();
         let files: Vec<(String, &FileEntry)> = obj
             .manifest
@@ -259,7 +263,12 @@ impl Store {
     pub fn quarantine(&self, key: &StageKey) -> Result<PathBuf> {
         let qdir = self.root.join("quarantine");
         fs::create_dir_all(&qdir).at(&qdir)?;
-        let dest = qdir.join(format!("{}.{}.{}", key.to_hex(), now_unix(), unique_suffix()));
+        let dest = qdir.join(format!(
+            "{}.{}.{}",
+            key.to_hex(),
+            now_unix(),
+            unique_suffix()
+        ));
         let src = self.object_dir(key);
         fs::rename(&src, &dest).at(&src)?;
         Ok(dest)
@@ -453,12 +462,12 @@ impl Staging {
             }
             Err(_) if dest.join(MANIFEST_FILE).is_file() => {
                 tracing::info!(key = %self.key.short(), "object committed concurrently by another process; keeping it");
-                self.store.load(&self.key)?.ok_or_else(|| {
-                    CacheError::CorruptManifest {
+                self.store
+                    .load(&self.key)?
+                    .ok_or_else(|| CacheError::CorruptManifest {
                         path: dest.join(MANIFEST_FILE),
                         message: "an object committed concurrently lacks files".into(),
-                    }
-                })
+                    })
             }
             Err(e) => Err(e).at(&dest),
         }

@@ -469,7 +469,11 @@ pub fn check_inputs(
     p: &Prepared,
     only_item: Option<(&str, &str)>,
 ) -> Result<(), StageError> {
-    for (name, a) in p.inputs.iter().flat_map(|(n, v)| v.iter().map(move |a| (n, a))) {
+    for (name, a) in p
+        .inputs
+        .iter()
+        .flat_map(|(n, v)| v.iter().map(move |a| (n, a)))
+    {
         let mut objects: Vec<(meduet_cache::StageKey, Option<&str>)> =
             vec![(a.key, Some(a.output.as_str()))];
         let wanted = |id: &str| match only_item {

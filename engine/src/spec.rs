@@ -292,15 +292,32 @@ impl ExecSpec {
                 .map(|v| v.iter().map(|r| r.digest.to_hex()).collect())
                 .unwrap_or_default();
             if w != g {
-                let i = w.iter().zip(&g).position(|(a, b)| a != b).unwrap_or(w.len().min(g.len()));
-                let show = |v: &[String]| v.get(i).map(|d| d[..12].to_string()).unwrap_or("(none)".into());
-                return Err(self.tampered(&format!("inputs.{name}[{i}].digest"), &show(&w), &show(&g)));
+                let i = w
+                    .iter()
+                    .zip(&g)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(w.len().min(g.len()));
+                let show = |v: &[String]| {
+                    v.get(i)
+                        .map(|d| d[..12].to_string())
+                        .unwrap_or("(none)".into())
+                };
+                return Err(self.tampered(
+                    &format!("inputs.{name}[{i}].digest"),
+                    &show(&w),
+                    &show(&g),
+                ));
             }
         }
         Ok(())
     }
 
-    fn tampered(&self, field: &str, want: &dyn std::fmt::Display, got: &dyn std::fmt::Display) -> EngineError {
+    fn tampered(
+        &self,
+        field: &str,
+        want: &dyn std::fmt::Display,
+        got: &dyn std::fmt::Display,
+    ) -> EngineError {
         EngineError::Other(format!(
             "spec of stage '{}': field '{field}' is {got} but its fingerprint says {want}: the spec was changed after it was planned (refusing it; replan with 'meduet plan --specs')",
             self.stage
@@ -327,7 +344,9 @@ fn first_difference(
                         }
                     }
                     (u, v) => {
-                        let show = |x: Option<&Value>| x.map(Value::to_string).unwrap_or("(absent)".into());
+                        let show = |x: Option<&Value>| {
+                            x.map(Value::to_string).unwrap_or("(absent)".into())
+                        };
                         return Some((here, show(u), show(v)));
                     }
                 }

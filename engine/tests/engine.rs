@@ -458,14 +458,23 @@ fn missing_source_files_are_listed_and_refused_before_anything_runs() {
     let m = &p.missing_files;
     assert_eq!(m.len(), 2, "{m:?}");
     let w = m.iter().find(|m| m.stage == "w").unwrap();
-    assert_eq!((w.param.as_str(), w.raw.as_str()), ("path", "weights/net.bin"));
+    assert_eq!(
+        (w.param.as_str(), w.raw.as_str()),
+        ("path", "weights/net.bin")
+    );
     assert_eq!((w.at.line, w.at.column), (8, 8));
     assert_eq!(w.made_by.as_deref(), Some("scripts/fetch_net"));
     assert_eq!(w.resolved, pr.path("weights/net.bin"));
     let t = m.iter().find(|m| m.stage == "t").unwrap();
-    assert_eq!(t.made_by, None, "a path nobody makes (a typo) names no command");
+    assert_eq!(
+        t.made_by, None,
+        "a path nobody makes (a typo) names no command"
+    );
     let report = meduet_engine::pipeline::missing_files_report(&p.missing_files);
-    assert!(report.starts_with("MISSING FILES: 2 input file(s)"), "{report}");
+    assert!(
+        report.starts_with("MISSING FILES: 2 input file(s)"),
+        "{report}"
+    );
     assert!(
         report.contains("'weights/net.bin' (resolved to '")
             && report.contains("): make it with: scripts/fetch_net\n    read by ")
@@ -494,7 +503,10 @@ fn missing_source_files_are_listed_and_refused_before_anything_runs() {
     }
     assert!(
         !pr.path(".meduet/objects").exists()
-            || std::fs::read_dir(pr.path(".meduet/objects")).unwrap().count() == 0,
+            || std::fs::read_dir(pr.path(".meduet/objects"))
+                .unwrap()
+                .count()
+                == 0,
         "nothing ran"
     );
     let only_a = RunOptions {
@@ -597,12 +609,21 @@ fn validation_errors_name_problem_and_location() {
     // Issue 19, item 6: a stage name with '.' (references could not name it), an empty
     // file, a folder given to include.
     let e = err(&pr, "[stages.\"a.b\"]\nkind = \"text\"\n");
-    assert!(e.contains("invalid stage name 'a.b' (letters, digits, '-', '_' only)"), "{e}");
+    assert!(
+        e.contains("invalid stage name 'a.b' (letters, digits, '-', '_' only)"),
+        "{e}"
+    );
     let e = err(&pr, "# nothing yet\n");
-    assert!(e.contains("bad.toml:1:1: the pipeline declares no stages"), "{e}");
+    assert!(
+        e.contains("bad.toml:1:1: the pipeline declares no stages"),
+        "{e}"
+    );
     std::fs::create_dir_all(pr.path("sub")).unwrap();
     let e = err(&pr, "include = [\"sub\"]\n[stages.a]\nkind = \"text\"\n");
-    assert!(e.contains("included file 'sub' is a folder, not a pipeline file"), "{e}");
+    assert!(
+        e.contains("included file 'sub' is a folder, not a pipeline file"),
+        "{e}"
+    );
     // Absolute paths never enter keys.
     let e = err(&pr, "[stages.a]\nkind = \"text\"\ntext = \"/etc/passwd\"\n");
     assert!(e.contains("absolute path '/etc/passwd'"), "{e}");

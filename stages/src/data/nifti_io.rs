@@ -135,7 +135,8 @@ impl Source {
             });
         }
         let mut raw = Vec::new();
-        f.read_to_end(&mut raw).map_err(|e| DataError::io(path, e))?;
+        f.read_to_end(&mut raw)
+            .map_err(|e| DataError::io(path, e))?;
         Ok(Source::Plain(raw))
     }
 
@@ -348,11 +349,17 @@ fn parse(path: &Path) -> Result<(NiftiHeader, Vec<u8>, NiftiInfo), DataError> {
             "vox_offset {vox_offset} is not a valid offset: a single-file NIfTI-1 image keeps its voxels at byte {MIN_VOX_OFFSET} or later"
         )));
     }
-    let too_large = || fmt(format!("vox_offset {vox_offset} and dim {dim:?} describe more bytes than any file holds"));
+    let too_large = || {
+        fmt(format!(
+            "vox_offset {vox_offset} and dim {dim:?} describe more bytes than any file holds"
+        ))
+    };
     let offset = u64::try_from(vox_offset as u128).map_err(|_| too_large())?;
     let need = dim[..3]
         .iter()
-        .try_fold(datatype.size_of() as u64, |acc, &d| acc.checked_mul(d as u64))
+        .try_fold(datatype.size_of() as u64, |acc, &d| {
+            acc.checked_mul(d as u64)
+        })
         .ok_or_else(too_large)?;
     let end = offset.checked_add(need).ok_or_else(too_large)?;
     let bytes = source.fill(path, end.saturating_add(TRAILING_SLACK), true)?;

@@ -301,7 +301,10 @@ fn hostile_headers_are_refused_before_allocating() {
         "{e}"
     );
     let e = err(&variant("nan_offset.nii", 108, &f32::NAN.to_le_bytes()));
-    assert!(e.contains("nan_offset.nii'") && e.contains("vox_offset NaN is not a valid offset"), "{e}");
+    assert!(
+        e.contains("nan_offset.nii'") && e.contains("vox_offset NaN is not a valid offset"),
+        "{e}"
+    );
     // vox_offset inside the header: was read silently from the header's bytes.
     let e = err(&variant("inside.nii", 108, &0f32.to_le_bytes()));
     assert!(
@@ -309,7 +312,13 @@ fn hostile_headers_are_refused_before_allocating() {
         "{e}"
     );
     let e = err(&variant("beyond.nii", 108, &4096f32.to_le_bytes()));
-    assert!(e.contains("beyond.nii'") && e.contains("file is truncated: 240 bytes of voxel data expected after vox_offset 4096"), "{e}");
+    assert!(
+        e.contains("beyond.nii'")
+            && e.contains(
+                "file is truncated: 240 bytes of voxel data expected after vox_offset 4096"
+            ),
+        "{e}"
+    );
     // Spacing of 1e6 mm and 60 mm in the sform (srow_x[0], byte 280): resampling
     // would have allocated without bound (a capacity overflow, or 434 MB).
     for (name, sx) in [("huge.nii", 1e6f32), ("sixty.nii", 60.0)] {
@@ -351,5 +360,8 @@ fn hostile_headers_are_refused_before_allocating() {
     let mut b = std::fs::read(&good).unwrap();
     b.extend_from_slice(&[0u8; 16]);
     std::fs::write(&tail, b).unwrap();
-    assert_eq!(read_nifti(&tail).unwrap().0.data, read_nifti(&good).unwrap().0.data);
+    assert_eq!(
+        read_nifti(&tail).unwrap().0.data,
+        read_nifti(&good).unwrap().0.data
+    );
 }

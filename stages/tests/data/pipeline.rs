@@ -371,13 +371,19 @@ fn skip_policy_lists_skipped_subjects() {
     };
     assert!(error_of("imagesTr/inf.nii.gz").contains("NaN or Inf"));
     assert!(error_of("imagesTr/junk.nii").contains("not a valid NIfTI-1 file"));
-    assert!(error_of("imagesTr/offset.nii").contains("offset.nii': not a valid NIfTI-1 file: vox_offset"));
-    assert!(error_of("imagesTr/spacing.nii").contains("spacing.nii': not a valid NIfTI-1 file: spacing 1000000.000000 mm along axis 0"));
+    assert!(error_of("imagesTr/offset.nii")
+        .contains("offset.nii': not a valid NIfTI-1 file: vox_offset"));
+    assert!(error_of("imagesTr/spacing.nii").contains(
+        "spacing.nii': not a valid NIfTI-1 file: spacing 1000000.000000 mm along axis 0"
+    ));
     assert_eq!(p.metrics("ingest")["skipped"], 4);
     // No absolute path of this machine in the report (issue 19, item 6).
     let text = std::fs::read_to_string(p.output("ingest", "report").join("report.json")).unwrap();
     assert!(!text.contains(p.path("").to_str().unwrap()), "{text}");
-    assert!(text.contains("'imagesTr/offset.nii': not a valid NIfTI-1 file"), "{text}");
+    assert!(
+        text.contains("'imagesTr/offset.nii': not a valid NIfTI-1 file"),
+        "{text}"
+    );
 }
 
 /// Issue 19, item 6: the stage's `on_error` applies to parameter datasets that do not set
@@ -386,8 +392,12 @@ fn skip_policy_lists_skipped_subjects() {
 #[test]
 fn stage_on_error_applies_to_parameter_datasets_and_bad_names_are_refused() {
     let p = dataset(|d| {
-        write_nifti(&d.join("imagesTr/good.nii.gz"), &vol([6, 5, 4], 1.0), NiftiDtype::Int16)
-            .unwrap();
+        write_nifti(
+            &d.join("imagesTr/good.nii.gz"),
+            &vol([6, 5, 4], 1.0),
+            NiftiDtype::Int16,
+        )
+        .unwrap();
         std::fs::write(d.join("imagesTr/junk.nii"), b"not a nifti file at all").unwrap();
     });
     let stage_skip = "[stages.ingest]\nkind = \"ingest\"\non_error = \"skip\"\n\
@@ -396,8 +406,15 @@ fn stage_on_error_applies_to_parameter_datasets_and_bad_names_are_refused() {
     assert_eq!(p.metrics("ingest")["skipped"], 1);
     let own_fail = stage_skip.replace("path = \"data\"", "path = \"data\", on_error = \"fail\"");
     let e = p.run_err(&own_fail, "ingest");
-    assert!(e.contains("junk.nii") && e.contains("failed their checks"), "{e}");
-    std::fs::write(p.path("pipeline.toml"), stage_skip.replace("\"d\"", "\"..\"")).unwrap();
+    assert!(
+        e.contains("junk.nii") && e.contains("failed their checks"),
+        "{e}"
+    );
+    std::fs::write(
+        p.path("pipeline.toml"),
+        stage_skip.replace("\"d\"", "\"..\""),
+    )
+    .unwrap();
     let e = meduet_engine::Pipeline::load(&p.path("pipeline.toml"), &meduet_stages::registry())
         .unwrap_err()
         .to_string();

@@ -148,7 +148,9 @@ impl SlurmCli {
         if !out.status.success() {
             return Err(Self::refused("scontrol", &args, &out));
         }
-        Ok(super::nodes::parse_nodes(&String::from_utf8_lossy(&out.stdout)))
+        Ok(super::nodes::parse_nodes(&String::from_utf8_lossy(
+            &out.stdout,
+        )))
     }
 
     /// `scancel JOBS...` in one call.

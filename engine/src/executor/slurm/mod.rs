@@ -93,7 +93,10 @@ pub fn check_cache(store: &Store, cli: &SlurmCli) -> Result<(), EngineError> {
             Ok(())
         }
         Ok(n) => {
-            let names: Vec<String> = n.iter().map(|n| format!("{} ({})", n.name, n.addr)).collect();
+            let names: Vec<String> = n
+                .iter()
+                .map(|n| format!("{} ({})", n.name, n.addr))
+                .collect();
             Err(EngineError::Other(format!(
                 "{why}; the cluster's nodes are not all this machine: {} {hint}",
                 names.join(", ")

@@ -95,7 +95,10 @@ mod tests {
     fn remote_nodes_are_not() {
         assert!(!all_on_this_machine(&parse_nodes(CLUSTER)));
         let mixed = format!("{LOCAL}NodeName=gpu01 NodeAddr=192.0.2.11");
-        assert!(!all_on_this_machine(&parse_nodes(&mixed)), "one remote node is enough");
+        assert!(
+            !all_on_this_machine(&parse_nodes(&mixed)),
+            "one remote node is enough"
+        );
         assert!(!all_on_this_machine(&[]), "no node listed: refuse");
     }
 }
