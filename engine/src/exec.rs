@@ -450,8 +450,6 @@ fn emitted_finish(ctx: &mut StageContext, dir: &std::path::Path) -> Result<(), S
     Ok(())
 }
 
-/// Executes a prepared stage on `device` with `threads` threads. With `force`, an
-/// existing object is discarded first.
 /// The key of the object holding an item folder (`objects/<key>/...`).
 fn item_object_key(store: &Store, dir: &std::path::Path) -> Option<meduet_cache::StageKey> {
     let rel = dir.strip_prefix(store.root().join("objects")).ok()?;
@@ -508,6 +506,8 @@ pub fn check_inputs(
     Ok(())
 }
 
+/// Executes a prepared stage on `device` with `threads` threads. With `force`, an
+/// existing object is discarded first.
 pub fn execute(
     env: &ExecEnv,
     p: &Prepared,

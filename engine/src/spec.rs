@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::EngineError;
 use crate::exec::{input_artifact, Prepared};
 use crate::fingerprint::Fingerprint;
-use crate::params::{map_sources, resolve_source, source_key_value};
+use crate::params::{diff_params, map_sources, resolve_source, source_key_value};
 use crate::registry::Registry;
 use crate::resources::Resources;
 
@@ -132,11 +132,12 @@ impl ExecSpec {
         })?;
         if let Some(name) = path.file_stem().and_then(|s| s.to_str()) {
             let is_digest = name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
-            if is_digest && ContentDigest::of_bytes(&text).to_hex() != name {
+            let actual = ContentDigest::of_bytes(&text);
+            if is_digest && actual.to_hex() != name {
                 return Err(EngineError::Other(format!(
                     "spec '{}' was changed after it was written: its name is the digest of its content, which is now {} (refusing it; replan with 'meduet plan --specs')",
                     path.display(),
-                    ContentDigest::of_bytes(&text).short()
+                    actual.short()
                 )));
             }
         }
@@ -270,10 +271,14 @@ impl ExecSpec {
         let key_params = map_sources(&self.params, &|raw| {
             source_key_value(&p.sources[&PathBuf::from(raw)])
         });
-        if let Some((field, want, got)) =
-            first_difference(&self.fingerprint.params, &key_params, "params")
+        if let Some((field, want, got)) = diff_params(&self.fingerprint.params, &key_params)
+            .into_iter()
+            .next()
         {
-            return Err(self.tampered(&field, &want, &got));
+            let show = |v: Option<serde_json::Value>| {
+                v.map(|v| v.to_string()).unwrap_or("(absent)".into())
+            };
+            return Err(self.tampered(&format!("params.{field}"), &show(want), &show(got)));
         }
         Ok(p)
     }
@@ -322,43 +327,5 @@ impl ExecSpec {
             "spec of stage '{}': field '{field}' is {got} but its fingerprint says {want}: the spec was changed after it was planned (refusing it; replan with 'meduet plan --specs')",
             self.stage
         ))
-    }
-}
-
-/// The first place where `b` differs from `a` (dotted JSON path from `path`), with both
-/// values, or `None` when they are equal.
-fn first_difference(
-    a: &serde_json::Value,
-    b: &serde_json::Value,
-    path: &str,
-) -> Option<(String, String, String)> {
-    use serde_json::Value;
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            for k in x.keys().chain(y.keys()) {
-                let here = format!("{path}.{k}");
-                match (x.get(k), y.get(k)) {
-                    (Some(u), Some(v)) => {
-                        if let Some(d) = first_difference(u, v, &here) {
-                            return Some(d);
-                        }
-                    }
-                    (u, v) => {
-                        let show = |x: Option<&Value>| {
-                            x.map(Value::to_string).unwrap_or("(absent)".into())
-                        };
-                        return Some((here, show(u), show(v)));
-                    }
-                }
-            }
-            None
-        }
-        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
-            .iter()
-            .zip(y)
-            .enumerate()
-            .find_map(|(i, (u, v))| first_difference(u, v, &format!("{path}[{i}]"))),
-        _ if a == b => None,
-        _ => Some((path.to_string(), a.to_string(), b.to_string())),
     }
 }
