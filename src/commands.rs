@@ -175,29 +175,29 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
                         items,
                         ..
                     } => match store.lease_info(key) {
-                        Some((info, _)) if store.lease_stale_reason(key).is_some() => (
-                            "stale".to_string(),
-                            format!(
-                                "a lease of pid {} on {} that nothing holds: {} (the next run breaks it)",
-                                info.pid,
-                                info.host,
-                                store.lease_stale_reason(key).unwrap_or_default()
+                        Some((info, age)) => match store.lease_stale_reason(key) {
+                            Some(why) => (
+                                "stale".to_string(),
+                                format!(
+                                    "a lease of pid {} on {} that nothing holds: {why} (the next run breaks it)",
+                                    info.pid, info.host
+                                ),
                             ),
-                        ),
-                        Some((info, age)) => (
-                            "running".to_string(),
-                            format!(
-                                "by {} pid {} on {} (heartbeat {:.0}s ago)",
-                                if info.holder.is_empty() {
-                                    "?"
-                                } else {
-                                    &info.holder
-                                },
-                                info.pid,
-                                info.host,
-                                age.as_secs_f64()
+                            None => (
+                                "running".to_string(),
+                                format!(
+                                    "by {} pid {} on {} (heartbeat {:.0}s ago)",
+                                    if info.holder.is_empty() {
+                                        "?"
+                                    } else {
+                                        &info.holder
+                                    },
+                                    info.pid,
+                                    info.host,
+                                    age.as_secs_f64()
+                                ),
                             ),
-                        ),
+                        },
                         None => (
                             "missing".to_string(),
                             items

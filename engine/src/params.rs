@@ -187,10 +187,10 @@ pub fn source_path(raw: &str, base: &Path) -> PathBuf {
     }
 }
 
-/// Whether a source path exists: `Ok(None)` when it does, `Ok(Some(why))` when it does
-/// not (the file may still be made, e.g. by an optional setup script), `Err` when it can
-/// never be valid (a malformed glob pattern).
-pub fn source_missing(raw: &str, base: &Path) -> Result<Option<String>, String> {
+/// Whether a source path is missing (the file may still be made, e.g. by an optional
+/// setup script): `Ok(true)` when it does not exist or a glob matches no file, `Err` when
+/// it can never be valid (a malformed glob pattern).
+pub fn source_missing(raw: &str, base: &Path) -> Result<bool, String> {
     let abs = source_path(raw, base);
     let s = abs.to_string_lossy();
     if has_glob(&s) {
@@ -198,14 +198,9 @@ pub fn source_missing(raw: &str, base: &Path) -> Result<Option<String>, String> 
             .map_err(|e| format!("invalid glob pattern '{raw}': {e}"))?
             .filter_map(|p| p.ok())
             .any(|p| p.is_file());
-        return Ok((!any).then(|| format!("glob '{raw}' matches no file (resolved to '{s}')")));
+        return Ok(!any);
     }
-    Ok((!abs.exists()).then(|| {
-        format!(
-            "path '{raw}' does not exist (resolved to '{}')",
-            abs.display()
-        )
-    }))
+    Ok(!abs.exists())
 }
 
 /// Finds every `{"$source": ...}` in `params`, calling `f(json_path, raw_path)`.

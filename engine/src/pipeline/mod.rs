@@ -67,24 +67,6 @@ pub struct MissingFile {
     pub made_by: Option<String>,
 }
 
-impl std::fmt::Display for MissingFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}: stage '{}': parameter '{}': '{}' does not exist (resolved to '{}')",
-            self.at,
-            self.stage,
-            self.param,
-            self.raw,
-            self.resolved.display()
-        )?;
-        match &self.made_by {
-            Some(c) => write!(f, "; make it with: {c}"),
-            None => Ok(()),
-        }
-    }
-}
-
 /// The missing files as a clearly marked list: one entry per file, with the command
 /// that makes it where the pipeline names one, then where each stage that reads it wrote
 /// the parameter.
@@ -329,8 +311,8 @@ impl Pipeline {
                     .cloned()
                     .unwrap_or_else(|| (raw.file.parent().unwrap().to_path_buf(), st.at.clone()));
                 match source_missing(rawp, &base) {
-                    Ok(None) => {}
-                    Ok(Some(_)) => {
+                    Ok(false) => {}
+                    Ok(true) => {
                         let resolved = source_path(rawp, &base);
                         missing_files.push(MissingFile {
                             stage: name.clone(),
