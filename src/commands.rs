@@ -93,7 +93,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
                 threads,
                 cuda_devices: None,
                 device_probe: Some(meduet_engine::scheduler::DeviceProbe(std::sync::Arc::new(
-                    worker_cuda_devices,
+                    cuda_devices,
                 ))),
             };
             tracing::info!(
@@ -127,7 +127,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             if specs {
                 let store = open_store(&dir)?;
                 for (stage, path) in
-                    meduet_engine::plan::write_ready_specs(&p, &store, &sel, &force)?
+                    meduet_engine::plan::write_ready_specs(&p, &store, &sel, &force, &cuda_visible)?
                 {
                     println!("{stage}\t{}", path.display());
                 }
@@ -142,7 +142,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
                     (Store::open(&tmp)?, Some(TempDirGuard(tmp)))
                 }
             };
-            let planned = plan(&p, &store, &sel, &force)?;
+            let planned = plan(&p, &store, &sel, &force, &cuda_visible)?;
             print_plan(&planned, json);
             Ok(report_missing_files(&p, &sel, json))
         }
@@ -161,7 +161,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
                 println!("no cache at {} yet: nothing has run", dir.display());
                 return Ok(0);
             };
-            let planned = plan(&p, &store, &[], &[])?;
+            let planned = plan(&p, &store, &[], &[], &cuda_visible)?;
             let history = load_history(&store, &p);
             let jobs = crate::slurm_cmds::status_jobs(&p, &store, &planned);
             println!("{:<24} {:<14} {:<14} details", "stage", "kind", "status");
@@ -484,7 +484,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
                 store,
                 &registry,
                 &env,
-                &worker_cuda_devices,
+                &cuda_devices,
             )? {
                 meduet_engine::exec_stage::ExecStage::Delegate(worker) => Err(
                     meduet_engine::exec_stage::delegate_item(worker, &spec_path, &dir, item_index)
@@ -514,7 +514,7 @@ fn stage_object(p: &Pipeline, store: &Store, stage: &str) -> Result<meduet_cache
     let i = p
         .index_of(stage)
         .with_context(|| format!("no stage named '{stage}' (stages: {})", p.stage_names()))?;
-    let planned = plan(p, store, &p.ancestors_of(i), &[])?;
+    let planned = plan(p, store, &p.ancestors_of(i), &[], &cuda_visible)?;
     match planned.iter().find(|s| s.name == stage).map(|s| &s.status) {
         Some(StageStatus::Cached { key }) => Ok(store.load(key)?.expect("cached object exists")),
         _ => bail!("stage '{stage}' has no object for the current pipeline yet (run 'meduet run {} --only {stage}')", p.file.display()),
@@ -619,8 +619,28 @@ pub(crate) fn print_summary(p: &Pipeline, store: &Store, summary: &meduet_engine
     }
 }
 
-/// CUDA devices, asked from the libtorch worker (costs one worker start; only called when
-/// a stage that may use a GPU has to run).
+/// The CUDA devices of this machine: `MEDUET_CUDA_DEVICES` (comma-separated indices, empty
+/// for none) when set, else asked from the libtorch worker once per process (one worker
+/// start; only when a stage that may use a GPU has to run or be keyed).
+pub(crate) fn cuda_devices() -> Vec<usize> {
+    static DEVICES: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    DEVICES
+        .get_or_init(|| match std::env::var("MEDUET_CUDA_DEVICES") {
+            Ok(list) => list
+                .split(',')
+                .filter_map(|d| d.trim().parse().ok())
+                .collect(),
+            Err(_) => worker_cuda_devices(),
+        })
+        .clone()
+}
+
+/// Whether a stage planned here would get a CUDA device (for the keys of stages whose
+/// bytes depend on the device class).
+pub(crate) fn cuda_visible(_: &meduet_engine::StageDef) -> bool {
+    !cuda_devices().is_empty()
+}
+
 fn worker_cuda_devices() -> Vec<usize> {
     let Ok(bin) = meduet_engine::worker::worker_binary("meduet-torch") else {
         return Vec::new();

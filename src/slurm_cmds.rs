@@ -221,11 +221,17 @@ pub fn plan_stage_spec(p: &Pipeline, dir: &Path, stage: &str) -> Result<Option<P
         .index_of(stage)
         .with_context(|| format!("no stage named '{stage}' (stages: {})", p.stage_names()))?;
     let sel = p.ancestors_of(i);
-    let specs = meduet_engine::plan::write_ready_specs(p, &store, &sel, &[])?;
+    let specs = meduet_engine::plan::write_ready_specs(
+        p,
+        &store,
+        &sel,
+        &[],
+        &crate::commands::cuda_visible,
+    )?;
     if let Some((_, spec)) = specs.into_iter().find(|(s, _)| s == stage) {
         return Ok(Some(spec));
     }
-    let planned = meduet_engine::plan::plan(p, &store, &sel, &[])?;
+    let planned = meduet_engine::plan::plan(p, &store, &sel, &[], &crate::commands::cuda_visible)?;
     match planned.iter().find(|s| s.name == stage).map(|s| &s.status) {
         Some(StageStatus::Cached { key }) => {
             println!("cached {}", store.object_dir(key).display());

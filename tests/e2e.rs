@@ -427,8 +427,8 @@ inputs = { latents = "encode.latents", factors = "factors.factors", meduet = "pr
 init = "meduet"
 steps = 12
 batch_size = 2
-lr = 1e-3
-warmup_steps = 2
+optim.lr = 1e-3
+schedule.warmup_steps = 2
 checkpoint_every = 3
 "#
     );
@@ -486,8 +486,8 @@ inputs = { volumes = "resample.volumes" }
 steps = 200
 batch_size = 2
 crop = [32, 32, 32]
-lr = 5e-4
-warmup_steps = 10
+optim.lr = 5e-4
+schedule.warmup_steps = 10
 "#;
 
 #[test]

@@ -19,6 +19,7 @@ use rayon::prelude::*;
 use crate::collection::{self, Item, ItemEntry, ItemLocation, Refs};
 use crate::error::{EngineError, StageError};
 use crate::fingerprint::{Fingerprint, KEY_SCHEMA_VERSION};
+use crate::locator::Locator;
 use crate::logging::{enter_sink, LogSink};
 use crate::params::{
     map_sources, resolve_source, source_key_value, source_runtime_value, SourceTree,
@@ -84,32 +85,6 @@ impl Prepared {
     pub fn locator_object_keys(&self) -> Vec<StageKey> {
         self.locator_roots.1.clone()
     }
-}
-
-/// Finds files by content digest (so that items can refer to source files by content,
-/// and keep working after the data moves).
-pub type Locator = std::collections::HashMap<ContentDigest, PathBuf>;
-
-/// Builds the locator of a stage from its ancestors' sources and objects.
-pub fn build_locator<'a>(
-    sources: impl IntoIterator<Item = &'a SourceTree>,
-    objects: impl IntoIterator<Item = &'a Object>,
-) -> Locator {
-    let mut l = Locator::new();
-    for t in sources {
-        for f in &t.files {
-            l.entry(f.digest).or_insert_with(|| t.path_of(&f.path));
-        }
-    }
-    for o in objects {
-        for (name, out) in &o.manifest.outputs {
-            for (rel, f) in &out.files {
-                l.entry(f.digest)
-                    .or_insert_with(|| o.output_dir(name).join(rel));
-            }
-        }
-    }
-    l
 }
 
 /// Resolves a stage's source paths (hashing through the memo). Returns the runtime
@@ -189,11 +164,14 @@ pub fn input_artifact(
     })
 }
 
-/// Computes the fingerprint and key of a stage from its resolved inputs.
+/// Computes the fingerprint and key of a stage from its resolved inputs. `cuda_visible`
+/// says whether a stage would get a CUDA device where it runs; it is asked only for a
+/// stage with `device = "auto"` whose bytes depend on the device class.
 pub fn prepare(
     def: &StageDef,
     store: &Store,
     inputs: BTreeMap<String, Vec<InputArtifact>>,
+    cuda_visible: &dyn Fn(&StageDef) -> bool,
 ) -> Result<Prepared, EngineError> {
     let (runtime_params, key_params, sources) = resolve_stage_sources(def, store)?;
     let fingerprint = Fingerprint {
@@ -202,10 +180,20 @@ pub fn prepare(
         kind_version: def.kind.version(),
         params: key_params,
         resolved: def.kind.resolved(&def.params),
+        code: def
+            .kind
+            .code_versions()
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect(),
         inputs: inputs
             .iter()
             .map(|(k, v)| (k.clone(), v.iter().map(|a| a.digest).collect()))
             .collect(),
+        device_class: def
+            .kind
+            .device_dependent(&def.params)
+            .then(|| def.resources.device.class(&|| cuda_visible(def))),
         item: None,
     };
     let key = fingerprint.key();

@@ -98,6 +98,14 @@ pub fn exec_stage_item(
             .map(|&d| Device::Cuda(d))
             .unwrap_or(Device::Cpu),
     };
+    if let Some(class) = prepared.fingerprint.device_class {
+        if device.class() != class {
+            return Err(EngineError::Other(format!(
+                "stage '{}' was planned for a {class} device (its output depends on the device class: fp16 autocast runs only on CUDA) but would run on {device} here; plan it where it runs, or set its device explicitly",
+                spec.stage
+            )));
+        }
+    }
     let threads = if spec.resources.threads == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())

@@ -10,6 +10,10 @@
 //! | `params`       | resolved parameters, canonical; source paths as content digests  |
 //! | `resolved`     | what named presets in `params` stand for (the full model sizes); |
 //! |                | absent for kinds without presets ([`crate::Stage::resolved`])    |
+//! | `code`         | versions of shared code the kind runs on (the training loop);    |
+//! |                | absent for kinds without ([`crate::Stage::code_versions`])       |
+//! | `device_class` | `"cpu"` or `"cuda"`, only for stages whose bytes depend on it    |
+//! |                | (fp16 autocast: [`crate::Stage::device_dependent`])              |
 //! | `inputs`       | input name -> output digests of the wired upstream outputs       |
 //!
 //! Inputs enter by the upstream *output digest*, not the upstream key: a change upstream
@@ -48,6 +52,14 @@ pub struct Fingerprint {
     /// keys are as before this field existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved: Option<serde_json::Value>,
+    /// Versions of shared code ([`crate::Stage::code_versions`]); empty for kinds without
+    /// (their keys are as before this field existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub code: BTreeMap<String, u32>,
+    /// The device class, for stages whose output bytes depend on it; `None` otherwise
+    /// (their keys are as before this field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_class: Option<crate::resources::DeviceClass>,
     pub inputs: BTreeMap<String, Vec<ContentDigest>>,
     /// For per-item keys of fan-out stages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -123,6 +135,17 @@ pub enum DirtyReason {
         old: Option<serde_json::Value>,
         new: Option<serde_json::Value>,
     },
+    /// The class of device changed for a stage whose bytes depend on it.
+    DeviceClassChanged {
+        old: Option<crate::resources::DeviceClass>,
+        new: Option<crate::resources::DeviceClass>,
+    },
+    /// The version of shared code the kind runs on changed (the training loop).
+    CodeVersionChanged {
+        component: String,
+        old: Option<u32>,
+        new: Option<u32>,
+    },
     InputChanged {
         input: String,
         from: Vec<String>,
@@ -181,6 +204,25 @@ impl std::fmt::Display for DirtyReason {
                 short(old),
                 short(new)
             ),
+            DirtyReason::CodeVersionChanged {
+                component,
+                old,
+                new,
+            } => {
+                let v = |v: &Option<u32>| v.map_or("(unset)".to_string(), |v| v.to_string());
+                write!(f, "{component} version changed: {} -> {}", v(old), v(new))
+            }
+            DirtyReason::DeviceClassChanged { old, new } => {
+                let v = |v: &Option<crate::resources::DeviceClass>| {
+                    v.map_or("(unset)".to_string(), |v| v.to_string())
+                };
+                write!(
+                    f,
+                    "device class changed: {} -> {} (fp16 autocast runs only on CUDA)",
+                    v(old),
+                    v(new)
+                )
+            }
             DirtyReason::InputChanged { input, from } => {
                 write!(f, "input '{input}' changed (from {})", from.join(", "))
             }
@@ -252,6 +294,23 @@ pub fn explain(
             new: n.clone(),
         }),
     }
+    if old.device_class != new.device_class {
+        reasons.push(DirtyReason::DeviceClassChanged {
+            old: old.device_class,
+            new: new.device_class,
+        });
+    }
+    let components: std::collections::BTreeSet<&String> =
+        old.code.keys().chain(new.code.keys()).collect();
+    for c in components {
+        if old.code.get(c) != new.code.get(c) {
+            reasons.push(DirtyReason::CodeVersionChanged {
+                component: c.clone(),
+                old: old.code.get(c).copied(),
+                new: new.code.get(c).copied(),
+            });
+        }
+    }
     let names: std::collections::BTreeSet<&String> =
         old.inputs.keys().chain(new.inputs.keys()).collect();
     for name in names {
@@ -304,6 +363,8 @@ mod tests {
             kind_version: 1,
             params,
             resolved: None,
+            code: Default::default(),
+            device_class: None,
             inputs: BTreeMap::new(),
             item: None,
         }
@@ -364,5 +425,21 @@ mod tests {
             "{}",
             r[0]
         );
+    }
+
+    #[test]
+    fn a_shared_code_version_enters_the_key_and_is_explained() {
+        let a = fp(serde_json::json!({"steps": 10}));
+        // Kinds without shared code: the key is that of a fingerprint without the field.
+        assert!(serde_json::to_value(&a).unwrap().get("code").is_none());
+        let mut b = a.clone();
+        b.code.insert("trainer".into(), 1);
+        let mut c = a.clone();
+        c.code.insert("trainer".into(), 2);
+        assert_ne!(a.key(), b.key());
+        assert_ne!(b.key(), c.key());
+        let r = explain(Some(&b), &c, &BTreeMap::new());
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].to_string(), "trainer version changed: 1 -> 2");
     }
 }

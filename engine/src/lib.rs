@@ -22,6 +22,7 @@ pub mod exec_stage;
 pub mod executor;
 pub mod fingerprint;
 pub mod graph;
+pub mod locator;
 pub mod logging;
 pub mod params;
 pub mod pipeline;

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::error::EngineError;
 use crate::exec::{input_artifact, prepare, Prepared};
 use crate::fingerprint::{explain, DirtyReason, Fingerprint, History, KEY_SCHEMA_VERSION};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, StageDef};
 use crate::stage::InputArtifact;
 
 /// The plan for one stage.
@@ -114,14 +114,29 @@ pub fn item_counts(store: &Store, p: &Prepared) -> Option<(usize, usize)> {
     Some((items.len(), cached))
 }
 
+/// For callers that know no CUDA device can be visible (tests, CPU-only tools).
+pub fn no_cuda(_: &StageDef) -> bool {
+    false
+}
+
 /// Plans `selected` stages (all when empty), with `force`d stage names.
+/// `cuda_visible` says whether a stage with `device = "auto"` would get a CUDA device (asked
+/// only for stages whose key holds the device class; [`no_cuda`] where none can be).
 pub fn plan(
     pipeline: &Pipeline,
     store: &Store,
     selected: &[usize],
     force: &[String],
+    cuda_visible: &dyn Fn(&StageDef) -> bool,
 ) -> Result<Vec<PlannedStage>, EngineError> {
-    plan_with(pipeline, store, selected, force, &mut |_, _| Ok(()))
+    plan_with(
+        pipeline,
+        store,
+        selected,
+        force,
+        cuda_visible,
+        &mut |_, _| Ok(()),
+    )
 }
 
 /// Writes an execution spec for every stage that will run and whose inputs all exist
@@ -131,21 +146,29 @@ pub fn write_ready_specs(
     store: &Store,
     selected: &[usize],
     force: &[String],
+    cuda_visible: &dyn Fn(&StageDef) -> bool,
 ) -> Result<Vec<(String, std::path::PathBuf)>, EngineError> {
     let mut out = Vec::new();
-    plan_with(pipeline, store, selected, force, &mut |i, p| {
-        let def = &pipeline.stages[i];
-        let spec = crate::spec::ExecSpec::from_prepared(
-            &pipeline.name,
-            p,
-            &def.resources,
-            force.contains(&def.name),
-            p.locator_source_paths(),
-            p.locator_object_keys(),
-        );
-        out.push((def.name.clone(), spec.write(store)?));
-        Ok(())
-    })?;
+    plan_with(
+        pipeline,
+        store,
+        selected,
+        force,
+        cuda_visible,
+        &mut |i, p| {
+            let def = &pipeline.stages[i];
+            let spec = crate::spec::ExecSpec::from_prepared(
+                &pipeline.name,
+                p,
+                &def.resources,
+                force.contains(&def.name),
+                p.locator_source_paths(),
+                p.locator_object_keys(),
+            );
+            out.push((def.name.clone(), spec.write(store)?));
+            Ok(())
+        },
+    )?;
     Ok(out)
 }
 
@@ -156,6 +179,7 @@ fn plan_with(
     store: &Store,
     selected: &[usize],
     force: &[String],
+    cuda_visible: &dyn Fn(&StageDef) -> bool,
     on_ready: &mut ReadyHook<'_>,
 ) -> Result<Vec<PlannedStage>, EngineError> {
     let mut prepared_all: HashMap<usize, Prepared> = HashMap::new();
@@ -190,7 +214,7 @@ fn plan_with(
         }
         let status = match gather_inputs(pipeline, store, i, &objects)? {
             Some(inputs) => {
-                let mut p = prepare(def, store, inputs)?;
+                let mut p = prepare(def, store, inputs, cuda_visible)?;
                 let status = match store.load(&p.key)? {
                     Some(obj) if !forced => {
                         objects.insert(i, obj);
@@ -237,6 +261,16 @@ fn plan_with(
                         kind_version: def.kind.version(),
                         params: key_params,
                         resolved: def.kind.resolved(&def.params),
+                        code: def
+                            .kind
+                            .code_versions()
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), *v))
+                            .collect(),
+                        device_class: def
+                            .kind
+                            .device_dependent(&def.params)
+                            .then(|| def.resources.device.class(&|| cuda_visible(def))),
                         inputs: old.map(|o| o.inputs.clone()).unwrap_or_default(),
                         item: None,
                     };

@@ -23,6 +23,10 @@ pub trait DynStage: Send + Sync {
     fn seed(&self, params: &serde_json::Value) -> Option<u64>;
     /// What named presets in the parameters resolve to ([`Stage::resolved`]).
     fn resolved(&self, params: &serde_json::Value) -> Option<serde_json::Value>;
+    /// Versions of shared code that enter the key ([`Stage::code_versions`]).
+    fn code_versions(&self) -> &'static [(&'static str, u32)];
+    /// Whether the device class enters the key ([`Stage::device_dependent`]).
+    fn device_dependent(&self, params: &serde_json::Value) -> bool;
     /// The worker binary that must run this kind, or `None` when this process can.
     fn worker(&self) -> Option<&'static str>;
     fn run(&self, params: &serde_json::Value, ctx: &mut StageContext) -> Result<(), StageError>;
@@ -70,6 +74,13 @@ struct Typed<S: Stage> {
     implementation: Option<Implementation<S>>,
 }
 
+/// The new spelling of a moved parameter named by serde's "unknown field `x`" message.
+fn moved_hint(message: &str, moved: &[(&str, &str)]) -> Option<String> {
+    let field = message.strip_prefix("unknown field `")?.split('`').next()?;
+    let (_, new) = moved.iter().find(|(old, _)| *old == field)?;
+    Some(format!("`{field}` is now written `{new}`"))
+}
+
 fn parse<S: Stage>(params: &serde_json::Value) -> Result<S::Params, StageError> {
     serde_json::from_value(params.clone())
         .map_err(|e| StageError::failed(format!("parameters of '{}' do not parse: {e}", S::KIND)))
@@ -101,12 +112,18 @@ impl<S: Stage> DynStage for Typed<S> {
         self.stage.parallel_items()
     }
     fn resolve_params(&self, raw: toml::Table) -> Result<serde_json::Value, (String, String)> {
-        let typed: S::Params =
-            serde_path_to_error::deserialize(toml::Value::Table(raw)).map_err(|e| {
+        let mut typed: S::Params = serde_path_to_error::deserialize(toml::Value::Table(raw))
+            .map_err(|e| {
                 let path = e.path().to_string();
                 let path = if path == "." { String::new() } else { path };
-                (path, e.into_inner().message().to_string())
+                let message = e.into_inner().message().to_string();
+                let message = match moved_hint(&message, self.stage.moved_params()) {
+                    Some(hint) => format!("{message}; {hint}"),
+                    None => message,
+                };
+                (path, message)
             })?;
+        self.stage.resolve(&mut typed);
         self.stage.validate(&typed).map_err(|m| {
             // Validation messages start with the parameter name when they concern one.
             let param = m.split(':').next().unwrap_or("").trim().to_string();
@@ -130,6 +147,14 @@ impl<S: Stage> DynStage for Typed<S> {
         parse::<S>(params)
             .ok()
             .and_then(|p| self.stage.resolved(&p))
+    }
+    fn code_versions(&self) -> &'static [(&'static str, u32)] {
+        self.stage.code_versions()
+    }
+    fn device_dependent(&self, params: &serde_json::Value) -> bool {
+        parse::<S>(params)
+            .map(|p| self.stage.device_dependent(&p))
+            .unwrap_or(false)
     }
     fn worker(&self) -> Option<&'static str> {
         match (self.stage.runtime(), &self.implementation) {

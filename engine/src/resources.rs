@@ -78,6 +78,45 @@ impl<'de> Deserialize<'de> for DeviceRequest {
     }
 }
 
+impl DeviceRequest {
+    /// The class of device the request runs on; `cuda_visible` is asked only for `auto`.
+    pub fn class(self, cuda_visible: &dyn Fn() -> bool) -> DeviceClass {
+        match self {
+            DeviceRequest::Cpu => DeviceClass::Cpu,
+            DeviceRequest::AnyCuda | DeviceRequest::Cuda(_) => DeviceClass::Cuda,
+            DeviceRequest::Auto if cuda_visible() => DeviceClass::Cuda,
+            DeviceRequest::Auto => DeviceClass::Cpu,
+        }
+    }
+}
+
+/// What kind of device a stage runs on: it enters the key of stages whose output bytes
+/// depend on it ([`crate::Stage::device_dependent`]: fp16 autocast runs only on CUDA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceClass {
+    Cpu,
+    Cuda,
+}
+
+impl std::fmt::Display for DeviceClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceClass::Cpu => "cpu",
+            DeviceClass::Cuda => "cuda",
+        })
+    }
+}
+
+impl Device {
+    pub fn class(self) -> DeviceClass {
+        match self {
+            Device::Cpu => DeviceClass::Cpu,
+            Device::Cuda(_) => DeviceClass::Cuda,
+        }
+    }
+}
+
 /// A device assigned to a running stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Device {

@@ -185,8 +185,24 @@ pub fn run(
         opts.threads
     };
     let mut free_threads = budget;
-    let mut all_devices: Option<Vec<usize>> = opts.cuda_devices.clone();
-    let mut free_devices: Vec<usize> = all_devices.clone().unwrap_or_default();
+    // The CUDA devices, probed once when first needed (by a key that holds the device class
+    // or a stage that may use a GPU); `probed` says whether `free_devices` was filled.
+    let device_list = std::cell::OnceCell::new();
+    let devices = || -> Vec<usize> {
+        device_list
+            .get_or_init(|| {
+                opts.cuda_devices.clone().unwrap_or_else(|| {
+                    opts.device_probe
+                        .as_ref()
+                        .map(|p| (p.0)())
+                        .unwrap_or_default()
+                })
+            })
+            .clone()
+    };
+    let cuda_visible = |_: &crate::pipeline::StageDef| !devices().is_empty();
+    let mut probed = opts.cuda_devices.is_some();
+    let mut free_devices: Vec<usize> = opts.cuda_devices.clone().unwrap_or_default();
     let priority: Vec<usize> = (0..n).map(|i| pipeline.descendants_of(i).len()).collect();
 
     let mut state = vec![State::Waiting; n];
@@ -231,7 +247,7 @@ pub fn run(
                 let def = &pipeline.stages[i];
                 let inputs =
                     gather_inputs(pipeline, store, i, &objects)?.expect("upstream objects exist");
-                let p = match prepare(def, store, inputs) {
+                let p = match prepare(def, store, inputs, &cuda_visible) {
                     Ok(p) => p,
                     Err(e) => {
                         state[i] = State::Failed;
@@ -278,16 +294,11 @@ pub fn run(
                 } else {
                     def.resources.threads.min(budget)
                 };
-                if def.resources.device != DeviceRequest::Cpu && all_devices.is_none() {
-                    let found = opts
-                        .device_probe
-                        .as_ref()
-                        .map(|p| (p.0)())
-                        .unwrap_or_default();
-                    free_devices = found.clone();
-                    all_devices = Some(found);
+                if def.resources.device != DeviceRequest::Cpu && !probed {
+                    free_devices = devices();
+                    probed = true;
                 }
-                let devices_now = all_devices.clone().unwrap_or_default();
+                let devices_now = if probed { devices() } else { Vec::new() };
                 let device = match assign_device(def.resources.device, &devices_now, &free_devices)
                 {
                     Ok(Some(d)) => d,
@@ -469,9 +480,9 @@ pub fn locator_for(
     i: usize,
     prepared: &HashMap<usize, Prepared>,
     objects: &HashMap<usize, Object>,
-) -> crate::exec::Locator {
+) -> crate::locator::Locator {
     let anc = pipeline.ancestors_of(i);
-    crate::exec::build_locator(
+    crate::locator::build_locator(
         anc.iter()
             .filter_map(|a| prepared.get(a))
             .flat_map(|p| p.sources.values()),

@@ -169,6 +169,14 @@ impl ExecSpec {
                 kind.version()
             )));
         }
+        for (component, version) in kind.code_versions() {
+            if self.fingerprint.code.get(*component) != Some(version) {
+                return Err(EngineError::Other(format!(
+                    "spec was planned with {component} version {:?} but this meduet has version {version} (replan with the same meduet build)",
+                    self.fingerprint.code.get(*component)
+                )));
+            }
+        }
         let mut inputs = BTreeMap::new();
         for (name, refs) in &self.inputs {
             let spec_in = kind
@@ -228,7 +236,7 @@ impl ExecSpec {
         for k in &self.locator_objects {
             objs.extend(store.load(k)?);
         }
-        let locator = std::sync::Arc::new(crate::exec::build_locator(trees.iter(), objs.iter()));
+        let locator = std::sync::Arc::new(crate::locator::build_locator(trees.iter(), objs.iter()));
         let p = Prepared {
             stage: self.stage.clone(),
             kind,

@@ -140,6 +140,31 @@ pub trait Stage: Send + Sync + 'static {
         None
     }
 
+    /// Fills defaults that depend on other parameters (a segmentation network's optimiser,
+    /// a training kind's `optim` and `schedule` tables) before validation and hashing, so
+    /// the key holds every number that shapes the output.
+    fn resolve(&self, _params: &mut Self::Params) {}
+
+    /// Parameters that were renamed or moved, as `(old name, new spelling)`: an old pipeline
+    /// file that uses one gets an error saying the new spelling.
+    fn moved_params(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
+
+    /// Versions of shared code the kind runs on (the training loop: `("trainer", N)`).
+    /// They enter the key, so a change to shared code reruns every stage that uses it
+    /// without a hand-bumped [`Stage::VERSION`] in each kind.
+    fn code_versions(&self) -> &'static [(&'static str, u32)] {
+        &[]
+    }
+
+    /// Whether the output's bytes depend on the class of device the stage runs on (CPU or
+    /// CUDA), as with fp16 autocast, which runs only on CUDA. The device class then enters
+    /// the key; otherwise a CPU and a GPU run share it.
+    fn device_dependent(&self, _params: &Self::Params) -> bool {
+        false
+    }
+
     /// For fan-out kinds: the collection input mapped over. Each item becomes its own
     /// object computed by [`Stage::run_item`]; `run` is not called.
     fn map_over(&self) -> Option<&'static str> {
@@ -215,7 +240,7 @@ pub struct StageContext {
     pub(crate) kind: &'static str,
     pub(crate) inputs: BTreeMap<String, Vec<InputArtifact>>,
     pub(crate) sources: BTreeMap<PathBuf, SourceTree>,
-    pub(crate) locator: Arc<crate::exec::Locator>,
+    pub(crate) locator: Arc<crate::locator::Locator>,
     pub(crate) object_dir: PathBuf,
     pub(crate) scratch: PathBuf,
     pub(crate) device: Device,
@@ -237,7 +262,7 @@ impl StageContext {
             kind: "test",
             inputs: BTreeMap::new(),
             sources: BTreeMap::new(),
-            locator: Arc::new(crate::exec::Locator::new()),
+            locator: Arc::new(crate::locator::Locator::new()),
             object_dir: object_dir.to_path_buf(),
             scratch: object_dir.join("scratch"),
             device: Device::Cpu,

@@ -167,7 +167,7 @@ fn plan_explains_why() {
     pr.write("p.toml", FIVE);
     let p = pr.load("p.toml").unwrap();
     let store = Store::open(&p.cache_dir).unwrap();
-    let before = plan(&p, &store, &[], &[]).unwrap();
+    let before = plan(&p, &store, &[], &[], &meduet_engine::plan::no_cuda).unwrap();
     assert!(
         matches!(&before[0].status, StageStatus::WillRun { reasons, .. } if reasons[0].to_string() == "never run in this pipeline")
     );
@@ -177,7 +177,7 @@ fn plan_explains_why() {
         &FIVE.replace("separator = \"-\"", "separator = \"+\""),
     );
     let p = pr.load("p.toml").unwrap();
-    let pl = plan(&p, &store, &[], &[]).unwrap();
+    let pl = plan(&p, &store, &[], &[], &meduet_engine::plan::no_cuda).unwrap();
     let by_name = |n: &str| pl.iter().find(|s| s.name == n).unwrap().status.clone();
     assert!(by_name("a").is_cached() && by_name("b").is_cached());
     let StageStatus::WillRun { reasons, key, .. } = by_name("c") else {
@@ -314,7 +314,7 @@ inputs = {{ text = "a.text" }}
     let e = pr.run_opts("p.toml", opts).unwrap_err().to_string();
     let p = pr.load("p.toml").unwrap();
     let store = Store::open(&p.cache_dir).unwrap();
-    let pl = plan(&p, &store, &[], &[]).unwrap();
+    let pl = plan(&p, &store, &[], &[], &meduet_engine::plan::no_cuda).unwrap();
     let status = |n: &str| pl.iter().find(|s| s.name == n).unwrap().status.is_cached();
     assert!(status("a") && status("independent"));
     assert!(!status("broken") && !status("after_broken"));
@@ -370,7 +370,7 @@ inputs = { lines = "up.lines" }
     );
     let p = pr.load("proj/p.toml").unwrap();
     let store = Store::open(&p.cache_dir).unwrap();
-    let pl = plan(&p, &store, &[], &[]).unwrap();
+    let pl = plan(&p, &store, &[], &[], &meduet_engine::plan::no_cuda).unwrap();
     assert!(pl.iter().all(|s| s.status.is_cached()), "{pl:?}");
     // Changing one file's content reruns the source stage.
     pr.write("moved_data/two.txt", "changed");
@@ -408,7 +408,9 @@ fn exec_spec_round_trip_is_idempotent() {
     let inputs = meduet_engine::plan::gather_inputs(&p, &store, ci, &objects)
         .unwrap()
         .unwrap();
-    let prepared = meduet_engine::exec::prepare(&p.stages[ci], &store, inputs).unwrap();
+    let prepared =
+        meduet_engine::exec::prepare(&p.stages[ci], &store, inputs, &meduet_engine::plan::no_cuda)
+            .unwrap();
     let spec = meduet_engine::spec::ExecSpec::from_prepared(
         &p.name,
         &prepared,
@@ -484,7 +486,7 @@ fn missing_source_files_are_listed_and_refused_before_anything_runs() {
     );
 
     let store = Store::open(&p.cache_dir).unwrap();
-    let planned = plan(&p, &store, &[], &[]).unwrap();
+    let planned = plan(&p, &store, &[], &[], &meduet_engine::plan::no_cuda).unwrap();
     let status = |name: &str| {
         planned
             .iter()

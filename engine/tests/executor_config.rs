@@ -129,7 +129,10 @@ fn the_executor_never_enters_a_key() {
     let store = meduet_cache::Store::open(d.path().join("cache")).unwrap();
     let key = |p: &PathBuf| {
         let pl = Pipeline::load(p, &registry()).unwrap();
-        match &meduet_engine::plan::plan(&pl, &store, &[], &[]).unwrap()[0].status {
+        match &meduet_engine::plan::plan(&pl, &store, &[], &[], &meduet_engine::plan::no_cuda)
+            .unwrap()[0]
+            .status
+        {
             meduet_engine::plan::StageStatus::WillRun { key, .. } => key.unwrap(),
             other => panic!("{other:?}"),
         }
@@ -157,7 +160,14 @@ fn exec_stage_with_an_item_index_computes_one_item() {
         ..Default::default()
     };
     meduet_engine::run(&pl, &env, &opts).unwrap();
-    let specs = meduet_engine::plan::write_ready_specs(&pl, &store, &[], &[]).unwrap();
+    let specs = meduet_engine::plan::write_ready_specs(
+        &pl,
+        &store,
+        &[],
+        &[],
+        &meduet_engine::plan::no_cuda,
+    )
+    .unwrap();
     let (_, spec) = specs.iter().find(|(s, _)| s == "up").unwrap();
     let before = store.object_keys().unwrap().len();
     let ex = match exec_stage_item(spec, Some(1), store.clone(), &reg, &env, &Vec::new).unwrap() {

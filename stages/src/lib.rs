@@ -16,6 +16,7 @@ pub mod sampling;
 pub mod schedule;
 pub mod segmentation;
 pub mod testing;
+pub mod training;
 
 /// Every stage kind meduet knows: the utility kinds of the engine plus this crate's.
 pub fn registry() -> meduet_engine::Registry {

@@ -591,8 +591,8 @@ inputs = { latents = "encode.latents", factors = "factors.factors", meduet = "pr
 init = "meduet"
 steps = 24
 batch_size = 2
-lr = 1e-3
-warmup_steps = 2
+optim.lr = 1e-3
+schedule.warmup_steps = 2
 checkpoint_every = 10
 snapshot_steps = [12, 24]
 [stages.sit]

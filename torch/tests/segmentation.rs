@@ -236,7 +236,6 @@ fn unetr_with_vae_decoder_head_predicts_on_the_image_grid() {
         unet: None,
         plan: None,
         vae_decoder: Some(vae),
-        optimisation: p.optimisation(),
         training: p,
         trainable_parameters: 0,
     };
@@ -627,7 +626,9 @@ fn tiny_segmentation_pipeline() {
         assert!(png.starts_with(&[0x89, b'P', b'N', b'G']), "{f}");
     }
     let cfg = json(&model.join("config.json"));
-    assert_eq!(cfg["optimisation"]["optimizer"], "sgd");
+    assert_eq!(cfg["training"]["optim"]["kind"], "sgd");
+    assert_eq!(cfg["training"]["optim"]["momentum"], 0.99);
+    assert_eq!(cfg["training"]["schedule"]["kind"], "poly");
     assert_eq!(cfg["plan"]["patch"], serde_json::json!([32, 32, 32]));
     assert_eq!(cfg["plan"]["features"], serde_json::json!([8, 16, 32, 64]));
 

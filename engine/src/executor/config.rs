@@ -29,7 +29,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Location, PipelineError};
-use crate::registry::Registry;
 
 /// Where stages run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -339,7 +338,7 @@ impl ExecutorConfig {
         t: &toml::Table,
         spans: &BTreeMap<String, Location>,
         fallback: Location,
-        registry: &Registry,
+        known_kinds: &[&str],
     ) -> Result<Self, PipelineError> {
         let r = Reader {
             spans,
@@ -378,12 +377,12 @@ impl ExecutorConfig {
             if let Some(per) = r.table(st, "time_per_kind")? {
                 let rk = r.sub("time_per_kind");
                 for kind in per.keys() {
-                    if registry.get(kind).is_none() {
+                    if !known_kinds.contains(&kind.as_str()) {
                         return Err(rk.err(
                             kind,
                             format!(
                                 "unknown stage kind '{kind}' (known kinds: {})",
-                                registry.names().join(", ")
+                                known_kinds.join(", ")
                             ),
                         ));
                     }

@@ -598,7 +598,7 @@ impl Pipeline {
                 line: 1,
                 column: 1,
             }),
-            registry,
+            &registry.names(),
         )?;
         if stages.is_empty() {
             return Err(PipelineError::Invalid {

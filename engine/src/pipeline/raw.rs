@@ -23,8 +23,9 @@
 //! ```
 //!
 //! Included stages come first; a stage of the same name in the including file is merged
-//! into the included one key by key (`inputs` and `resources` entry by entry), so an
-//! ablation file can change one parameter and reuse everything else, cache included.
+//! into the included one key by key (`inputs`, `resources`, `optim` and `schedule` entry by
+//! entry), so an ablation file can change one parameter and reuse everything else, cache
+//! included.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -269,8 +270,9 @@ fn record_executor_spans(file: &Path, text: &str, out: &mut BTreeMap<String, Loc
     }
 }
 
-/// Tables merged entry by entry (for `inputs`, `resources` and `[executor]`).
-const MERGED_TABLES: &[&str] = &["inputs", "resources"];
+/// Tables merged entry by entry (for `inputs`, `resources`, a training kind's `optim` and
+/// `schedule`, and `[executor]`): an override of `optim.lr` keeps the base's `optim.betas`.
+const MERGED_TABLES: &[&str] = &["inputs", "resources", "optim", "schedule"];
 
 fn merge_stage(stages: &mut BTreeMap<String, RawStage>, name: String, over: RawStage) {
     match stages.get_mut(&name) {

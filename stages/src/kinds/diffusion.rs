@@ -23,7 +23,11 @@ use crate::configs::dit::Config as DitConfig;
 use crate::kinds::preset::apply_overrides;
 use crate::kinds::pretrain::{FACTORS, MEDUET};
 use crate::kinds::resample::VOLUMES;
-use crate::kinds::vae::{Amp, LATENTS, TORCH, VAE};
+use crate::kinds::vae::{LATENTS, TORCH, VAE};
+use crate::training::{
+    Amp, OptimConfig, ResolvedOptim, ResolvedSchedule, ScheduleConfig, Training, TrainingDefaults,
+    TRAINER_CODE,
+};
 
 /// A trained latent diffusion model.
 pub const DIFFUSION: ArtifactType = ArtifactType::single("diffusion");
@@ -142,15 +146,13 @@ pub struct DiffusionTrainParams {
     /// sizes, `input_size` = the latent training crop).
     pub model: serde_json::Map<String, serde_json::Value>,
     pub init: DitInit,
-    pub schedule: DdpmSchedule,
+    pub noise_schedule: DdpmSchedule,
     pub steps: u64,
     pub batch_size: usize,
-    pub lr: f64,
-    pub min_lr: f64,
-    pub warmup_steps: u64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub weight_decay: f64,
+    /// The optimiser (default AdamW, lr 5e-5 to min_lr 5e-6, no weight decay).
+    pub optim: OptimConfig,
+    /// The learning-rate schedule (default 10 warmup steps, then cosine).
+    pub schedule: ScheduleConfig,
     /// Gradient-norm clip (0: off, as the authors' non-AMP path).
     pub grad_clip: f64,
     /// EMA decay of the sampling weights, updated every step (0.9999).
@@ -178,15 +180,11 @@ impl Default for DiffusionTrainParams {
             preset: DitPreset::Tiny,
             model: Default::default(),
             init: DitInit::Scratch,
-            schedule: DdpmSchedule::default(),
+            noise_schedule: DdpmSchedule::default(),
             steps: 200,
             batch_size: 4,
-            lr: 5e-5,
-            min_lr: 5e-6,
-            warmup_steps: 10,
-            beta1: 0.9,
-            beta2: 0.999,
-            weight_decay: 0.0,
+            optim: OptimConfig::default(),
+            schedule: ScheduleConfig::default(),
             grad_clip: 0.0,
             ema_decay: 0.9999,
             dropout_content: 0.2,
@@ -202,6 +200,44 @@ impl Default for DiffusionTrainParams {
 
 /// The file of the EMA snapshot taken after `step` training steps, relative to a
 /// `diffusion` artifact (or to the training scratch).
+/// `diffusion_train`'s optimiser and schedule when the pipeline file does not say.
+pub const DIFFUSION_TRAINING: TrainingDefaults = TrainingDefaults {
+    optim: ResolvedOptim::adamw(5e-5, 5e-6, 0.0),
+    schedule: ResolvedSchedule::cosine(10),
+};
+
+/// What moved in `diffusion_train`: the training numbers, and the DDPM noise schedule (which
+/// was `schedule`, now the learning-rate schedule).
+const DIFFUSION_MOVED: &[(&str, &str)] = &[
+    ("lr", "optim.lr"),
+    ("min_lr", "optim.min_lr"),
+    ("weight_decay", "optim.weight_decay"),
+    ("beta1", "optim.betas = [beta1, beta2]"),
+    ("beta2", "optim.betas = [beta1, beta2]"),
+    ("warmup_steps", "schedule.warmup_steps"),
+    ("timesteps", "noise_schedule.timesteps (the DDPM schedule)"),
+    (
+        "beta_start",
+        "noise_schedule.beta_start (the DDPM schedule)",
+    ),
+    ("beta_end", "noise_schedule.beta_end (the DDPM schedule)"),
+];
+
+impl DiffusionTrainParams {
+    /// The shared training configuration (after `Stage::resolve`).
+    pub fn training(&self) -> Result<Training, String> {
+        Training::new(
+            self.steps,
+            self.seed,
+            self.amp,
+            self.checkpoint_every,
+            self.grad_clip,
+            &self.optim,
+            &self.schedule,
+        )
+    }
+}
+
 pub fn snapshot_file(step: u64) -> String {
     format!("snapshots/step_{step:07}.safetensors")
 }
@@ -267,6 +303,18 @@ impl Stage for DiffusionTrain {
     fn seed(&self, p: &DiffusionTrainParams) -> Option<u64> {
         Some(p.seed)
     }
+    fn device_dependent(&self, p: &DiffusionTrainParams) -> bool {
+        p.amp == Amp::Fp16
+    }
+    fn resolve(&self, p: &mut DiffusionTrainParams) {
+        DIFFUSION_TRAINING.fill(&mut p.optim, &mut p.schedule);
+    }
+    fn moved_params(&self) -> &'static [(&'static str, &'static str)] {
+        DIFFUSION_MOVED
+    }
+    fn code_versions(&self) -> &'static [(&'static str, u32)] {
+        TRAINER_CODE
+    }
     fn resolved(&self, p: &DiffusionTrainParams) -> Option<serde_json::Value> {
         dit_config(p.preset, &p.model)
             .ok()
@@ -275,15 +323,10 @@ impl Stage for DiffusionTrain {
 
     fn validate(&self, p: &DiffusionTrainParams) -> Result<(), String> {
         dit_config(p.preset, &p.model)?;
-        if p.steps == 0 || p.batch_size == 0 {
-            return Err("steps: steps and batch_size must be positive".into());
+        if p.batch_size == 0 {
+            return Err("batch_size: must be positive".into());
         }
-        if !(p.lr > 0.0) || p.min_lr < 0.0 || p.min_lr > p.lr {
-            return Err(format!(
-                "lr: lr {} and min_lr {} must satisfy 0 <= min_lr <= lr, lr > 0",
-                p.lr, p.min_lr
-            ));
-        }
+        p.training()?;
         if !(0.0..=1.0).contains(&p.ema_decay) {
             return Err(format!("ema_decay: {} must be in [0, 1]", p.ema_decay));
         }
@@ -294,15 +337,15 @@ impl Stage for DiffusionTrain {
                 return Err(format!("scale_factor: {s} must be positive"));
             }
         }
-        let sc = &p.schedule;
+        let sc = &p.noise_schedule;
         if sc.timesteps < 2 || !(sc.beta_start > 0.0) || !(sc.beta_end > sc.beta_start) {
             return Err(format!(
-                "schedule: timesteps {} >= 2 and 0 < beta_start {} < beta_end {} are required",
+                "noise_schedule: timesteps {} >= 2 and 0 < beta_start {} < beta_end {} are required",
                 sc.timesteps, sc.beta_start, sc.beta_end
             ));
         }
         if sc.beta_end * 1000.0 / sc.timesteps as f64 >= 1.0 {
-            return Err("schedule: beta_end * 1000 / timesteps must stay below 1".into());
+            return Err("noise_schedule: beta_end * 1000 / timesteps must stay below 1".into());
         }
         let mut last = 0;
         for &s in &p.snapshot_steps {

@@ -19,8 +19,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::configs::meduet::Config as MeduetConfig;
 use crate::kinds::preset::apply_overrides;
-use crate::kinds::vae::{Amp, LATENTS, TORCH};
+use crate::kinds::vae::{LATENTS, TORCH};
 use crate::sampling::{Augment, Sampling};
+use crate::training::{
+    Amp, OptimConfig, ResolvedOptim, ResolvedSchedule, ScheduleConfig, Training, TrainingDefaults,
+    MOVED_PARAMS, TRAINER_CODE,
+};
 
 /// A pretrained MeDUET model.
 pub const MEDUET: ArtifactType = ArtifactType::single("meduet");
@@ -77,12 +81,11 @@ pub struct PretrainParams {
     pub steps: u64,
     /// Per-step batch (even: samples are paired i <-> B-1-i).
     pub batch_size: usize,
-    pub lr: f64,
-    pub min_lr: f64,
-    pub warmup_steps: u64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub weight_decay: f64,
+    /// The optimiser (default AdamW, lr 1e-4 to min_lr 2e-5, betas (0.9, 0.95), weight
+    /// decay 0.01: the authors').
+    pub optim: OptimConfig,
+    /// The learning-rate schedule (default 15 warmup steps, then cosine).
+    pub schedule: ScheduleConfig,
     pub grad_clip: f64,
     /// EMA teacher momentum: cosine from `ema_base` to `ema_final` over all steps.
     pub ema_base: f64,
@@ -101,12 +104,8 @@ impl Default for PretrainParams {
             model: Default::default(),
             steps: 300,
             batch_size: 8,
-            lr: 1e-4,
-            min_lr: 2e-5,
-            warmup_steps: 15,
-            beta1: 0.9,
-            beta2: 0.95,
-            weight_decay: 0.01,
+            optim: OptimConfig::default(),
+            schedule: ScheduleConfig::default(),
             grad_clip: 1.0,
             ema_base: 0.997,
             ema_final: 0.9997,
@@ -121,6 +120,30 @@ impl Default for PretrainParams {
 
 /// `pretrain`.
 pub struct Pretrain;
+
+/// `pretrain`'s optimiser and schedule when the pipeline file does not say.
+pub const PRETRAIN_TRAINING: TrainingDefaults = TrainingDefaults {
+    optim: ResolvedOptim {
+        betas: [0.9, 0.95],
+        ..ResolvedOptim::adamw(1e-4, 2e-5, 0.01)
+    },
+    schedule: ResolvedSchedule::cosine(15),
+};
+
+impl PretrainParams {
+    /// The shared training configuration (after `Stage::resolve`).
+    pub fn training(&self) -> Result<Training, String> {
+        Training::new(
+            self.steps,
+            self.seed,
+            self.amp,
+            self.checkpoint_every,
+            self.grad_clip,
+            &self.optim,
+            &self.schedule,
+        )
+    }
+}
 
 impl Stage for Pretrain {
     type Params = PretrainParams;
@@ -155,6 +178,18 @@ impl Stage for Pretrain {
     fn seed(&self, p: &PretrainParams) -> Option<u64> {
         Some(p.seed)
     }
+    fn device_dependent(&self, p: &PretrainParams) -> bool {
+        p.amp == Amp::Fp16
+    }
+    fn resolve(&self, p: &mut PretrainParams) {
+        PRETRAIN_TRAINING.fill(&mut p.optim, &mut p.schedule);
+    }
+    fn moved_params(&self) -> &'static [(&'static str, &'static str)] {
+        MOVED_PARAMS
+    }
+    fn code_versions(&self) -> &'static [(&'static str, u32)] {
+        TRAINER_CODE
+    }
     fn resolved(&self, p: &PretrainParams) -> Option<serde_json::Value> {
         meduet_config(p.preset, &p.model)
             .ok()
@@ -169,15 +204,7 @@ impl Stage for Pretrain {
                 p.batch_size
             ));
         }
-        if p.steps == 0 {
-            return Err("steps: must be positive".into());
-        }
-        if !(p.lr > 0.0) || p.min_lr < 0.0 || p.min_lr > p.lr {
-            return Err(format!(
-                "lr: lr {} and min_lr {} must satisfy 0 <= min_lr <= lr, lr > 0",
-                p.lr, p.min_lr
-            ));
-        }
+        p.training()?;
         if !(0.0..1.0).contains(&p.ema_base) || !(0.0..=1.0).contains(&p.ema_final) {
             return Err("ema_base: EMA momenta must lie in [0, 1)".into());
         }

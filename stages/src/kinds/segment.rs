@@ -35,11 +35,15 @@ use serde::{Deserialize, Serialize};
 use crate::kinds::pretrain::{MeduetPreset, MEDUET};
 use crate::kinds::resample::VOLUMES;
 use crate::kinds::subject::SUBJECTS;
-use crate::kinds::vae::{Amp, LATENTS, TORCH, VAE};
+use crate::kinds::vae::{LATENTS, TORCH, VAE};
 use crate::segmentation::planner::PlannerConfig;
 use crate::segmentation::sampler::SegAugment;
 use crate::segmentation::splits::LabelFraction;
 use crate::segmentation::style_augment::StyleAugmentParams;
+use crate::training::{
+    Amp, OptimConfig, ResolvedOptim, ResolvedSchedule, ScheduleConfig, Training, TrainingDefaults,
+    MOVED_PARAMS, TRAINER_CODE,
+};
 
 /// A trained segmentation network.
 pub const SEGMENTER: ArtifactType = ArtifactType::single("segmenter");
@@ -159,26 +163,6 @@ impl Default for UnetParams {
     }
 }
 
-/// The optimiser.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Optimizer {
-    /// AdamW (UNETR, the authors).
-    Adamw,
-    /// SGD with Nesterov momentum (nnU-Net).
-    Sgd,
-}
-
-/// The learning-rate schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LrSchedule {
-    /// Linear warmup from 1e-6, then cosine to `min_lr` (timm, the authors).
-    Cosine,
-    /// `lr * (1 - step / steps)^0.9` (nnU-Net).
-    Poly,
-}
-
 /// Where the subjects go (shared by segmentation and classification).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -218,10 +202,10 @@ impl SplitParams {
     }
 }
 
-/// `segment_train` parameters. Unset optimisation fields follow the network: UNETR AdamW
-/// lr 2e-4, weight decay 1e-5, warmup + cosine to 2e-5, foreground fraction 0.9 (the
-/// authors); U-Net SGD Nesterov momentum 0.99, lr 1e-2, weight decay 3e-5, poly, foreground
-/// fraction 1/3 (nnU-Net).
+/// `segment_train` parameters. Unset optimisation fields follow the network (filled in
+/// before the key is computed): UNETR AdamW lr 2e-4, weight decay 1e-5, 15 warmup steps +
+/// cosine to 2e-5, foreground fraction 0.9 (the authors); U-Net SGD Nesterov momentum 0.99,
+/// lr 1e-2, weight decay 3e-5, poly 0.9, foreground fraction 1/3 (nnU-Net).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SegmentTrainParams {
@@ -234,14 +218,10 @@ pub struct SegmentTrainParams {
     pub unet: UnetParams,
     pub steps: u64,
     pub batch_size: usize,
-    pub optimizer: Option<Optimizer>,
-    pub lr: Option<f64>,
-    pub min_lr: Option<f64>,
-    pub weight_decay: Option<f64>,
-    /// SGD momentum.
-    pub momentum: f64,
-    pub schedule: Option<LrSchedule>,
-    pub warmup_steps: u64,
+    /// The optimiser (default: the network's, above).
+    pub optim: OptimConfig,
+    /// The learning-rate schedule (default: the network's, above).
+    pub schedule: ScheduleConfig,
     pub grad_clip: f64,
     /// Probability that a crop is centred on foreground.
     pub fg_fraction: Option<f64>,
@@ -266,13 +246,8 @@ impl Default for SegmentTrainParams {
             unet: UnetParams::default(),
             steps: 300,
             batch_size: 2,
-            optimizer: None,
-            lr: None,
-            min_lr: None,
-            weight_decay: None,
-            momentum: 0.99,
-            schedule: None,
-            warmup_steps: 15,
+            optim: OptimConfig::default(),
+            schedule: ScheduleConfig::default(),
             grad_clip: 12.0,
             fg_fraction: None,
             augment: SegAugment::default(),
@@ -285,41 +260,40 @@ impl Default for SegmentTrainParams {
     }
 }
 
-/// Resolved optimisation settings.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Optimisation {
-    pub optimizer: Optimizer,
-    pub lr: f64,
-    pub min_lr: f64,
-    pub weight_decay: f64,
-    pub schedule: LrSchedule,
-    pub fg_fraction: f64,
-}
-
 impl SegmentTrainParams {
-    /// The optimisation with the network's defaults filled in.
-    pub fn optimisation(&self) -> Optimisation {
-        let unet = self.network == Network::Unet;
-        let optimizer = self.optimizer.unwrap_or(if unet {
-            Optimizer::Sgd
-        } else {
-            Optimizer::Adamw
-        });
-        let sgd = optimizer == Optimizer::Sgd;
-        Optimisation {
-            optimizer,
-            lr: self.lr.unwrap_or(if sgd { 1e-2 } else { 2e-4 }),
-            min_lr: self.min_lr.unwrap_or(if sgd { 0.0 } else { 2e-5 }),
-            weight_decay: self.weight_decay.unwrap_or(if sgd { 3e-5 } else { 1e-5 }),
-            schedule: self.schedule.unwrap_or(if unet {
-                LrSchedule::Poly
-            } else {
-                LrSchedule::Cosine
-            }),
-            fg_fraction: self
-                .fg_fraction
-                .unwrap_or(if unet { 1.0 / 3.0 } else { 0.9 }),
+    /// The optimiser and schedule of the network when the pipeline file does not say.
+    pub fn training_defaults(&self) -> TrainingDefaults {
+        match self.network {
+            Network::Unet => TrainingDefaults {
+                optim: ResolvedOptim::sgd(1e-2, 0.99, true, 3e-5),
+                schedule: ResolvedSchedule::poly(0.9),
+            },
+            Network::Unetr => TrainingDefaults {
+                optim: ResolvedOptim::adamw(2e-4, 2e-5, 1e-5),
+                schedule: ResolvedSchedule::cosine(15),
+            },
         }
+    }
+
+    /// The shared training configuration (after `Stage::resolve`).
+    pub fn training(&self) -> Result<Training, String> {
+        Training::new(
+            self.steps,
+            self.seed,
+            self.amp,
+            self.checkpoint_every,
+            self.grad_clip,
+            &self.optim,
+            &self.schedule,
+        )
+    }
+
+    /// The probability that a crop is centred on foreground (after `Stage::resolve`).
+    pub fn fg_fraction(&self) -> f64 {
+        self.fg_fraction.unwrap_or(match self.network {
+            Network::Unet => 1.0 / 3.0,
+            Network::Unetr => 0.9,
+        })
     }
 }
 
@@ -387,6 +361,19 @@ impl Stage for SegmentTrain {
     fn seed(&self, p: &SegmentTrainParams) -> Option<u64> {
         Some(p.seed)
     }
+    fn device_dependent(&self, p: &SegmentTrainParams) -> bool {
+        p.amp == Amp::Fp16
+    }
+    fn resolve(&self, p: &mut SegmentTrainParams) {
+        p.training_defaults().fill(&mut p.optim, &mut p.schedule);
+        p.fg_fraction = Some(p.fg_fraction());
+    }
+    fn moved_params(&self) -> &'static [(&'static str, &'static str)] {
+        MOVED_PARAMS
+    }
+    fn code_versions(&self) -> &'static [(&'static str, u32)] {
+        TRAINER_CODE
+    }
     fn resolved(&self, p: &SegmentTrainParams) -> Option<serde_json::Value> {
         match p.network {
             Network::Unetr => p.unetr.resolved(),
@@ -401,23 +388,17 @@ impl Stage for SegmentTrain {
         if p.style_augment.enabled && p.network != Network::Unetr {
             return Err("style_augment: style augmentation works on MeDUET latents: network must be \"unetr\"".into());
         }
-        if p.steps == 0 || p.batch_size == 0 {
-            return Err("steps: steps and batch_size must be positive".into());
+        if p.batch_size == 0 {
+            return Err("batch_size: must be positive".into());
         }
         if p.labels.contains(&0) {
             return Err("labels: 0 is the background; list foreground label values only".into());
         }
-        let o = p.optimisation();
-        if !(o.lr > 0.0) || o.min_lr < 0.0 || o.min_lr > o.lr {
-            return Err(format!(
-                "lr: lr {} and min_lr {} must satisfy 0 <= min_lr <= lr, lr > 0",
-                o.lr, o.min_lr
-            ));
-        }
-        if !(0.0..=1.0).contains(&o.fg_fraction) {
+        p.training()?;
+        if !(0.0..=1.0).contains(&p.fg_fraction()) {
             return Err(format!(
                 "fg_fraction: {} is not a probability",
-                o.fg_fraction
+                p.fg_fraction()
             ));
         }
         if p.unetr.crop == 0 || p.unetr.crop % 4 != 0 {
@@ -523,10 +504,10 @@ pub struct ClassifyTrainParams {
     pub unetr: UnetrParams,
     pub steps: u64,
     pub batch_size: usize,
-    pub lr: f64,
-    pub min_lr: f64,
-    pub weight_decay: f64,
-    pub warmup_steps: u64,
+    /// The optimiser (default AdamW, lr 2e-4 to min_lr 1e-5, weight decay 1e-5).
+    pub optim: OptimConfig,
+    /// The learning-rate schedule (default 10 warmup steps, then cosine).
+    pub schedule: ScheduleConfig,
     pub grad_clip: f64,
     pub augment: SegAugment,
     /// Style augmentation through a pretrained MeDUET (appendix C.4).
@@ -545,10 +526,8 @@ impl Default for ClassifyTrainParams {
             unetr: UnetrParams::default(),
             steps: 200,
             batch_size: 2,
-            lr: 2e-4,
-            min_lr: 1e-5,
-            weight_decay: 1e-5,
-            warmup_steps: 10,
+            optim: OptimConfig::default(),
+            schedule: ScheduleConfig::default(),
             grad_clip: 12.0,
             augment: SegAugment {
                 scale_p: 0.0,
@@ -560,6 +539,27 @@ impl Default for ClassifyTrainParams {
             amp: Amp::Fp16,
             seed: 0,
         }
+    }
+}
+
+/// `classify_train`'s optimiser and schedule when the pipeline file does not say.
+pub const CLASSIFY_TRAINING: TrainingDefaults = TrainingDefaults {
+    optim: ResolvedOptim::adamw(2e-4, 1e-5, 1e-5),
+    schedule: ResolvedSchedule::cosine(10),
+};
+
+impl ClassifyTrainParams {
+    /// The shared training configuration (after `Stage::resolve`).
+    pub fn training(&self) -> Result<Training, String> {
+        Training::new(
+            self.steps,
+            self.seed,
+            self.amp,
+            self.checkpoint_every,
+            self.grad_clip,
+            &self.optim,
+            &self.schedule,
+        )
     }
 }
 
@@ -603,6 +603,18 @@ impl Stage for ClassifyTrain {
     fn seed(&self, p: &ClassifyTrainParams) -> Option<u64> {
         Some(p.seed)
     }
+    fn device_dependent(&self, p: &ClassifyTrainParams) -> bool {
+        p.amp == Amp::Fp16
+    }
+    fn resolve(&self, p: &mut ClassifyTrainParams) {
+        CLASSIFY_TRAINING.fill(&mut p.optim, &mut p.schedule);
+    }
+    fn moved_params(&self) -> &'static [(&'static str, &'static str)] {
+        MOVED_PARAMS
+    }
+    fn code_versions(&self) -> &'static [(&'static str, u32)] {
+        TRAINER_CODE
+    }
     fn resolved(&self, p: &ClassifyTrainParams) -> Option<serde_json::Value> {
         p.unetr.resolved()
     }
@@ -611,15 +623,10 @@ impl Stage for ClassifyTrain {
         p.split.validate()?;
         p.augment.validate()?;
         p.style_augment.validate()?;
-        if p.steps == 0 || p.batch_size == 0 {
-            return Err("steps: steps and batch_size must be positive".into());
+        if p.batch_size == 0 {
+            return Err("batch_size: must be positive".into());
         }
-        if !(p.lr > 0.0) || p.min_lr < 0.0 || p.min_lr > p.lr {
-            return Err(format!(
-                "lr: lr {} and min_lr {} must satisfy 0 <= min_lr <= lr, lr > 0",
-                p.lr, p.min_lr
-            ));
-        }
+        p.training()?;
         if p.unetr.output != UnetrOutput::Upsample {
             return Err(
                 "unetr.output: classification has no image-grid output; leave it at \"upsample\""

@@ -26,6 +26,10 @@ use crate::configs::vae::Config as VaeConfig;
 use crate::kinds::preset::apply_overrides;
 use crate::kinds::resample::VOLUMES;
 use crate::sampling::Augment;
+use crate::training::{
+    Amp, OptimConfig, ResolvedOptim, ResolvedSchedule, ScheduleConfig, Training, TrainingDefaults,
+    MOVED_PARAMS, TRAINER_CODE,
+};
 
 /// A trained or imported VAE.
 pub const VAE: ArtifactType = ArtifactType::single("vae");
@@ -79,17 +83,6 @@ fn gpu_default() -> Resources {
     }
 }
 
-/// Mixed precision on CUDA (ignored on the CPU, where training runs in float32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Amp {
-    /// float32 everywhere.
-    Off,
-    /// fp16 autocast with dynamic loss scaling (the authors' setting).
-    #[default]
-    Fp16,
-}
-
 /// `vae_train` parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -101,10 +94,10 @@ pub struct VaeTrainParams {
     pub batch_size: usize,
     /// Training crop in voxels (multiple of the downsampling factor).
     pub crop: [usize; 3],
-    pub lr: f64,
-    pub min_lr: f64,
-    pub warmup_steps: u64,
-    pub weight_decay: f64,
+    /// The optimiser (default AdamW, lr 2e-4 to min_lr 2e-5, weight decay 1e-5).
+    pub optim: OptimConfig,
+    /// The learning-rate schedule (default 20 warmup steps, then cosine).
+    pub schedule: ScheduleConfig,
     /// Weight of the KL term (sum over latent voxels, mean over the batch).
     pub kl_weight: f64,
     /// Weight of the 3D patch-adversarial (LSGAN) loss; 0 switches the discriminator off.
@@ -128,10 +121,8 @@ impl Default for VaeTrainParams {
             steps: 400,
             batch_size: 2,
             crop: [64, 64, 64],
-            lr: 2e-4,
-            min_lr: 2e-5,
-            warmup_steps: 20,
-            weight_decay: 1e-5,
+            optim: OptimConfig::default(),
+            schedule: ScheduleConfig::default(),
             kl_weight: 1e-6,
             adversarial_weight: 0.0,
             adversarial_start: 0,
@@ -145,6 +136,27 @@ impl Default for VaeTrainParams {
             amp: Amp::Fp16,
             seed: 0,
         }
+    }
+}
+
+/// `vae_train`'s optimiser and schedule when the pipeline file does not say.
+pub const VAE_TRAINING: TrainingDefaults = TrainingDefaults {
+    optim: ResolvedOptim::adamw(2e-4, 2e-5, 1e-5),
+    schedule: ResolvedSchedule::cosine(20),
+};
+
+impl VaeTrainParams {
+    /// The shared training configuration (after `Stage::resolve`).
+    pub fn training(&self) -> Result<Training, String> {
+        Training::new(
+            self.steps,
+            self.seed,
+            self.amp,
+            self.checkpoint_every,
+            self.grad_clip,
+            &self.optim,
+            &self.schedule,
+        )
     }
 }
 
@@ -181,6 +193,18 @@ impl Stage for VaeTrain {
     fn seed(&self, p: &VaeTrainParams) -> Option<u64> {
         Some(p.seed)
     }
+    fn device_dependent(&self, p: &VaeTrainParams) -> bool {
+        p.amp == Amp::Fp16
+    }
+    fn resolve(&self, p: &mut VaeTrainParams) {
+        VAE_TRAINING.fill(&mut p.optim, &mut p.schedule);
+    }
+    fn moved_params(&self) -> &'static [(&'static str, &'static str)] {
+        MOVED_PARAMS
+    }
+    fn code_versions(&self) -> &'static [(&'static str, u32)] {
+        TRAINER_CODE
+    }
     fn resolved(&self, p: &VaeTrainParams) -> Option<serde_json::Value> {
         vae_config(p.preset, &p.model)
             .ok()
@@ -196,16 +220,10 @@ impl Stage for VaeTrain {
                 p.crop
             ));
         }
-        if p.steps == 0 || p.batch_size == 0 {
-            return Err("steps: steps and batch_size must be positive".into());
+        if p.batch_size == 0 {
+            return Err("batch_size: must be positive".into());
         }
-        if !(p.lr > 0.0) || p.min_lr < 0.0 || p.min_lr > p.lr {
-            return Err(format!(
-                "lr: lr {} and min_lr {} must satisfy 0 <= min_lr <= lr, lr > 0",
-                p.lr, p.min_lr
-            ));
-        }
-        Ok(())
+        p.training().map(|_| ())
     }
 }
 

@@ -17,9 +17,8 @@ use meduet_engine::{Item, StageContext, StageError};
 use meduet_stages::analysis::metrics::{accuracy, macro_auc};
 use meduet_stages::data::array_store::read_array_f32;
 use meduet_stages::kinds::segment::*;
-use meduet_stages::kinds::vae::{Amp, LATENT_ZARR};
+use meduet_stages::kinds::vae::LATENT_ZARR;
 use meduet_stages::sampling::{CropSampler, CropSource, Sampling};
-use meduet_stages::schedule::CosineLrScheduler;
 use meduet_stages::segmentation::sliding::{pad_to_window, window_starts};
 use meduet_stages::segmentation::splits::{make_splits, SplitConfig, Splits};
 use meduet_stages::segmentation::style_augment::AugmentedTask;
@@ -27,14 +26,13 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
 
-use super::common::{device, fail, load_frozen, read_json, step_seed, write_json};
+use super::common::{
+    batch_tensor, device, fail, load_frozen, read_json, trainable_parameters, write_json,
+};
 use super::segment::{by_id, domain_of, meduet_model_config, unetr_config, WEIGHTS};
 use super::style_augment::{kl_consistency, StyleAugmenter, PROTOTYPE_FILE};
 use crate::models::unetr::{PosEmbedInit, Unetr, UnetrConfig, UnetrHead};
-use crate::train::amp::GradScaler;
-use crate::train::checkpoint::Checkpoints;
-use crate::train::log::{plot_jsonl, JsonlLog};
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::trainer::{self, Learner, Step, StepOutput, TrainingTask};
 
 /// `config.json` of a classifier.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,6 +113,7 @@ pub fn train(
     ctx: &mut StageContext,
 ) -> Result<(), StageError> {
     let dev = device(ctx);
+    let training = p.training().map_err(StageError::input)?;
     let items = ctx.input("latents")?.items.clone();
     let meduet_dir = ctx.inputs("meduet").first().map(|m| m.dir.clone());
     if p.unetr.init == Init::Meduet && meduet_dir.is_none() {
@@ -136,37 +135,7 @@ pub fn train(
         },
     )
     .map_err(StageError::input)?;
-    // Class values: every value among all subjects (so evaluation knows them all), sorted.
-    let mut values: Vec<i64> = Vec::new();
-    let mut is_bool = true;
-    for it in &items {
-        let (_, _, attrs) = read_array_f32(&it.dir.join(LATENT_ZARR)).map_err(StageError::input)?;
-        is_bool &= matches!(attrs.get(&p.label_attr), Some(serde_json::Value::Bool(_)));
-        let v = class_value(&it.id, &attrs, &p.label_attr)?;
-        if !values.contains(&v) {
-            values.push(v);
-        }
-    }
-    values.sort_unstable();
-    if is_bool {
-        values = vec![0, 1];
-    }
-    if values.len() < 2 {
-        return Err(StageError::input(format!(
-            "attribute '{}' takes a single value ({values:?}): nothing to classify",
-            p.label_attr
-        )));
-    }
-    let classes: Vec<String> = values
-        .iter()
-        .map(|&v| {
-            if is_bool {
-                (v == 1).to_string()
-            } else {
-                v.to_string()
-            }
-        })
-        .collect();
+    let (values, classes) = class_values(&items, &p.label_attr)?;
     let train = read_samples(&items, &splits.train, &p.label_attr, &values)?;
     let in_ch = train[0].source.shape[0] as i64;
     let mcfg = match &meduet_dir {
@@ -197,8 +166,7 @@ pub fn train(
             t.copied.len()
         );
     }
-    let latent_items = by_id(&items);
-    let mut augmenter = StyleAugmenter::for_training(
+    let augmenter = StyleAugmenter::for_training(
         &p.style_augment,
         &p.split.label_fraction,
         AugmentedTask::Classification,
@@ -207,7 +175,6 @@ pub fn train(
         in_ch,
         dev,
     )?;
-    let labels: BTreeMap<String, usize> = train.iter().map(|s| (s.id.clone(), s.class)).collect();
     let crop = p.unetr.crop;
     let sampler = CropSampler::new(
         train.iter().map(|s| s.source.clone()).collect(),
@@ -220,28 +187,7 @@ pub fn train(
         p.seed,
     )
     .map_err(StageError::input)?;
-    let mut opt = AdamW::new(
-        &vs,
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: p.weight_decay,
-        },
-    );
-    let sched = CosineLrScheduler {
-        base_lr: p.lr,
-        warmup_t: p.warmup_steps,
-        warmup_lr_init: 1e-6f64.min(p.lr),
-        t_initial: p.steps,
-        lr_min: p.min_lr,
-        warmup_prefix: false,
-    };
-    let n_params: i64 = vs
-        .trainable_variables()
-        .iter()
-        .map(|t| t.numel() as i64)
-        .sum();
+    let n_params = trainable_parameters(&vs);
     tracing::info!(
         "classifier on '{}' ({classes:?}): {} training subjects, {:.2} M parameters, {} steps of batch {}",
         p.label_attr,
@@ -250,98 +196,27 @@ pub fn train(
         p.steps,
         p.batch_size
     );
-    let scratch = ctx.scratch_dir()?;
-    let cps = Checkpoints::new(&scratch);
-    let mut scaler = GradScaler::new(dev.is_cuda() && p.amp == Amp::Fp16);
-    let mut start = 0;
-    if let Some((step, dir)) = cps.latest() {
-        Checkpoints::load_into(&dir, WEIGHTS, &mut vs).map_err(fail)?;
-        opt.load(&dir.join("optimizer.safetensors")).map_err(fail)?;
-        scaler = serde_json::from_value(Checkpoints::state(&dir).map_err(fail)?["scaler"].clone())
-            .map_err(fail)?;
-        if let Some(a) = augmenter.as_mut() {
-            a.load_state(&dir)?;
-        }
-        start = step;
-        tracing::info!("resuming from the checkpoint at step {step}");
-    }
-    let log_path = scratch.join("losses.jsonl");
-    let mut log = JsonlLog::open(&log_path, start).map_err(|e| StageError::io(&log_path, e))?;
-    let bar = ctx.progress(p.steps, "steps");
-    bar.set_position(start);
-    for step in start..p.steps {
-        ctx.check_cancelled()?;
-        let b = sampler.batch(step, p.batch_size);
-        let x = Tensor::from_slice(&b.data)
-            .view(b.shape.map(|v| v as i64))
-            .to_device(dev);
-        let y: Vec<i64> = b.ids.iter().map(|id| labels[id] as i64).collect();
-        let y = Tensor::from_slice(&y).to_device(dev);
-        tch::manual_seed(step_seed(p.seed, step) as i64);
-        let logits = tch::autocast(scaler.enabled, || net.forward(&x)).to_kind(Kind::Float);
-        let mut loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0);
-        let mut rec = serde_json::Map::new();
-        if let Some(a) = augmenter.as_mut() {
-            a.refresh(step, &splits, p.seed, &latent_items)?;
-            if let Some(alpha) = a.settings.draw(p.seed, step) {
-                let xa = a.augment(&x, alpha)?;
-                let la = tch::autocast(scaler.enabled, || net.forward(&xa)).to_kind(Kind::Float);
-                let aug = la.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0);
-                rec.insert("style_alpha".into(), alpha.into());
-                rec.insert("aug_loss".into(), aug.double_value(&[]).into());
-                loss = loss + aug * a.settings.weight;
-                if a.settings.kl_weight > 0.0 {
-                    let kl = kl_consistency(&logits, &la);
-                    rec.insert("kl".into(), kl.double_value(&[]).into());
-                    loss = loss + kl * a.settings.kl_weight;
-                }
-            }
-        }
-        let lv = loss.double_value(&[]);
-        if !lv.is_finite() {
-            return Err(fail(format!(
-                "the loss is not finite at step {step}; nothing is committed"
-            )));
-        }
-        opt.zero_grad();
-        scaler.backward(&loss);
-        let lr = sched.lr(step);
-        let (gn, stepped) = scaler.step(&mut opt, lr, p.grad_clip);
-        let mut r = serde_json::json!({"step": step, "lr": lr, "loss": lv, "grad_norm": gn, "stepped": stepped});
-        r.as_object_mut().expect("object").extend(rec);
-        log.write(&r).map_err(|e| StageError::io(&log_path, e))?;
-        bar.inc(1);
-        let done = step + 1;
-        if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.steps {
-            let w = |path: &Path| opt.save(path).map_err(|e| e.to_string());
-            let write_proto = |path: &Path| match &augmenter {
-                Some(a) => a.save(path),
-                None => Ok(()),
-            };
-            cps.save(
-                done,
-                &[(WEIGHTS, &vs)],
-                &[
-                    ("optimizer.safetensors", &w),
-                    (PROTOTYPE_FILE, &write_proto),
-                ],
-                serde_json::json!({ "scaler": scaler }),
-            )
-            .map_err(fail)?;
-        }
-    }
-    bar.finish_and_clear();
+    let mut task = ClassifyTask {
+        p,
+        dev,
+        learner: Learner::new(&vs, &training),
+        vs,
+        net,
+        sampler,
+        labels: train.iter().map(|s| (s.id.clone(), s.class)).collect(),
+        augmenter,
+        splits: &splits,
+        latent_items: by_id(&items),
+    };
+    let trained = trainer::run(ctx, &training, &mut task)?;
     let out = ctx.output_dir("model")?;
-    vs.save(out.join(WEIGHTS)).map_err(fail)?;
-    std::fs::copy(&log_path, out.join("losses.jsonl")).map_err(|e| StageError::io(&log_path, e))?;
-    plot_jsonl(
-        &out.join("losses.jsonl"),
-        &out.join("losses.png"),
+    task.vs.save(out.join(WEIGHTS)).map_err(fail)?;
+    trainer::finish(
+        &trained,
+        &out,
         "classification loss (cross-entropy)",
         &["loss"],
-        true,
-    )
-    .map_err(fail)?;
+    )?;
     write_json(&out.join("splits.json"), &splits)?;
     let cfg = ClassifierConfig {
         unetr: ucfg,
@@ -356,6 +231,109 @@ pub fn train(
     )?;
     ctx.set_metric("trainable_parameters", n_params);
     Ok(())
+}
+
+/// The class values of attribute `attr` among all subjects (so evaluation knows them all),
+/// sorted, and their display names.
+fn class_values(items: &[Item], attr: &str) -> Result<(Vec<i64>, Vec<String>), StageError> {
+    let mut values: Vec<i64> = Vec::new();
+    let mut is_bool = true;
+    for it in items {
+        let (_, _, attrs) = read_array_f32(&it.dir.join(LATENT_ZARR)).map_err(StageError::input)?;
+        is_bool &= matches!(attrs.get(attr), Some(serde_json::Value::Bool(_)));
+        let v = class_value(&it.id, &attrs, attr)?;
+        if !values.contains(&v) {
+            values.push(v);
+        }
+    }
+    values.sort_unstable();
+    if is_bool {
+        values = vec![0, 1];
+    }
+    if values.len() < 2 {
+        return Err(StageError::input(format!(
+            "attribute '{attr}' takes a single value ({values:?}): nothing to classify"
+        )));
+    }
+    let classes = values
+        .iter()
+        .map(|&v| {
+            if is_bool {
+                (v == 1).to_string()
+            } else {
+                v.to_string()
+            }
+        })
+        .collect();
+    Ok((values, classes))
+}
+
+/// One classifier training run as the shared loop sees it.
+struct ClassifyTask<'a> {
+    p: &'a ClassifyTrainParams,
+    dev: Device,
+    vs: VarStore,
+    net: Unetr,
+    learner: Learner,
+    sampler: CropSampler,
+    /// Subject id -> class index.
+    labels: BTreeMap<String, usize>,
+    augmenter: Option<StyleAugmenter>,
+    splits: &'a Splits,
+    latent_items: BTreeMap<String, Item>,
+}
+
+impl TrainingTask for ClassifyTask<'_> {
+    fn stores(&mut self) -> Vec<(&'static str, &mut VarStore)> {
+        vec![(WEIGHTS, &mut self.vs)]
+    }
+    fn learners(&mut self) -> Vec<(&'static str, &mut Learner)> {
+        vec![("optimizer", &mut self.learner)]
+    }
+    fn save_extra(&self, dir: &Path) -> Result<serde_json::Value, String> {
+        if let Some(a) = &self.augmenter {
+            a.save(&dir.join(PROTOTYPE_FILE))?;
+        }
+        Ok(serde_json::Value::Null)
+    }
+    fn load_extra(&mut self, dir: &Path, _state: &serde_json::Value) -> Result<(), StageError> {
+        match self.augmenter.as_mut() {
+            Some(a) => a.load_state(dir),
+            None => Ok(()),
+        }
+    }
+    fn step(&mut self, s: &Step) -> Result<StepOutput, StageError> {
+        let p = self.p;
+        let b = self.sampler.batch(s.step, p.batch_size);
+        let x = batch_tensor(&b.data, &b.shape).to_device(self.dev);
+        let y: Vec<i64> = b.ids.iter().map(|id| self.labels[id] as i64).collect();
+        let y = Tensor::from_slice(&y).to_device(self.dev);
+        let amp = self.learner.autocast();
+        let logits = tch::autocast(amp, || self.net.forward(&x)).to_kind(Kind::Float);
+        let mut loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0);
+        let mut record = serde_json::Map::new();
+        if let Some(a) = self.augmenter.as_mut() {
+            a.refresh(s.step, self.splits, p.seed, &self.latent_items)?;
+            if let Some(alpha) = a.settings.draw(p.seed, s.step) {
+                let xa = a.augment(&x, alpha)?;
+                let la = tch::autocast(amp, || self.net.forward(&xa)).to_kind(Kind::Float);
+                let aug = la.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0);
+                record.insert("style_alpha".into(), alpha.into());
+                record.insert("aug_loss".into(), aug.double_value(&[]).into());
+                loss = loss + aug * a.settings.weight;
+                if a.settings.kl_weight > 0.0 {
+                    let kl = kl_consistency(&logits, &la);
+                    record.insert("kl".into(), kl.double_value(&[]).into());
+                    loss = loss + kl * a.settings.kl_weight;
+                }
+            }
+        }
+        let (grad_norm, stepped) = self.learner.minimize(&loss, s)?;
+        record.insert("loss".into(), loss.double_value(&[]).into());
+        record.insert("grad_norm".into(), grad_norm.into());
+        record.insert("stepped".into(), stepped.into());
+        Ok(StepOutput { record, stepped })
+    }
 }
 
 /// A `classifier` artifact loaded for inference.

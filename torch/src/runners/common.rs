@@ -158,6 +158,20 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Stage
         .map_err(|e| StageError::input(format!("'{}' is not valid: {e}", path.display())))
 }
 
+/// A batch of `f32` values as a tensor of `shape` (on the CPU).
+pub fn batch_tensor(data: &[f32], shape: &[usize]) -> tch::Tensor {
+    let shape: Vec<i64> = shape.iter().map(|&v| v as i64).collect();
+    tch::Tensor::from_slice(data).view(shape.as_slice())
+}
+
+/// The number of trainable parameters of a store.
+pub fn trainable_parameters(vs: &tch::nn::VarStore) -> i64 {
+    vs.trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum()
+}
+
 /// A seed for step `step` of a run seeded with `seed` (splitmix64 of both).
 pub fn step_seed(seed: u64, step: u64) -> u64 {
     let mut z = seed

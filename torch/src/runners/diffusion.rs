@@ -23,28 +23,22 @@ use meduet_stages::data::volume::{Volume, VolumeOf};
 use meduet_stages::data::zarr_store::{write_zarr, Attrs};
 use meduet_stages::kinds::diffusion::*;
 use meduet_stages::kinds::resample::IMAGE_ZARR;
-use meduet_stages::kinds::vae::Amp;
 use meduet_stages::plot::{montage, GrayImage};
 use meduet_stages::sampling::{Augment, CropSampler, Prefetcher, Sampling};
-use meduet_stages::schedule::CosineLrScheduler;
 use rand::{Rng, SeedableRng};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::common::{
-    device, fail, latent_sources, load_frozen, read_json, step_seed, warn_if_bottlenecked,
-    write_json, DomainMap,
+    batch_tensor, device, fail, latent_sources, load_frozen, read_json, step_seed,
+    trainable_parameters, warn_if_bottlenecked, write_json, DomainMap,
 };
 use crate::diffusion::gaussian::GaussianDiffusion;
 use crate::diffusion::{guided_output, transport};
 use crate::models::dit::{dropout_mask, Cond, ConditionMode, Config as DitConfig, Dit};
 use crate::models::meduet::Config as MeduetConfig;
 use crate::models::vae::{decode_tiled, AutoencoderKlMaisi, TileConfig, TileNorm};
-use crate::train::amp::GradScaler;
-use crate::train::checkpoint::Checkpoints;
-use crate::train::ema::ema_update;
-use crate::train::log::{plot_jsonl, JsonlLog};
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::trainer::{self, Ema, Learner, Step, StepOutput, TrainingTask};
 
 /// The condition vectors of a set of subjects (one row each).
 #[derive(Debug)]
@@ -302,6 +296,7 @@ pub fn train(
     ctx: &mut StageContext,
 ) -> Result<(), StageError> {
     let dev = device(ctx);
+    let training = p.training().map_err(StageError::input)?;
     let items = ctx.input("latents")?.items.clone();
     if items.is_empty() {
         return Err(StageError::input(
@@ -310,21 +305,7 @@ pub fn train(
     }
     let mut cfg = dit_config(p.preset, &p.model).map_err(StageError::input)?;
     let domains = DomainMap::from_items(&items)?;
-    let bank = match cfg.condition {
-        ConditionMode::Factors => {
-            let f = ctx.inputs("factors");
-            let f = f.first().ok_or_else(|| {
-                StageError::input(
-                    "model.condition = \"factors\" needs the 'factors' input (an extract_factors stage)",
-                )
-            })?;
-            let all = ConditionBank::from_factors(&f.dir)?;
-            let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
-            Some(all.select(&ids)?)
-        }
-        ConditionMode::Metadata => Some(ConditionBank::metadata(&items, &domains)?),
-        ConditionMode::None => None,
-    };
+    let bank = condition_bank(ctx, &cfg, &items, &domains)?;
     set_condition_dims(&mut cfg, bank.as_ref());
     cfg.validate_complete()
         .map_err(|e| StageError::input(format!("model: {e}")))?;
@@ -341,225 +322,73 @@ pub fn train(
         )));
     }
     let crop = cfg.input_size.map(|v| v as usize);
+    let no_augment = Augment {
+        flip_p: 0.0,
+        rot90_p: 0.0,
+    };
     let sampler = Arc::new(
-        CropSampler::new(
-            sources,
-            crop,
-            Augment {
-                flip_p: 0.0,
-                rot90_p: 0.0,
-            },
-            Sampling::Shuffled,
-            p.seed,
-        )
-        .map_err(StageError::input)?,
+        CropSampler::new(sources, crop, no_augment, Sampling::Shuffled, p.seed)
+            .map_err(StageError::input)?,
     );
     tch::manual_seed(p.seed as i64);
-    let mut vs = VarStore::new(dev);
+    let vs = VarStore::new(dev);
     let model = Dit::new(&vs.root(), &cfg).map_err(fail)?;
-    let mut transfer = None;
-    if p.init == DitInit::Meduet {
-        let m = ctx.inputs("meduet");
-        let m = m.first().ok_or_else(|| {
-            StageError::input("init = \"meduet\" needs the 'meduet' input (a pretrain stage)")
-        })?;
-        let mcfg_json: serde_json::Value = read_json(&m.dir.join("config.json"))?;
-        let mcfg: MeduetConfig = serde_json::from_value(mcfg_json["model"].clone())
-            .map_err(|e| StageError::input(format!("'{}': model: {e}", m.dir.display())))?;
-        let r = model
-            .load_meduet(&vs, &m.dir.join("student.safetensors"), [mcfg.grid(); 3])
-            .map_err(|e| StageError::input(e.to_string()))?;
-        tracing::info!(
-            "initialised from MeDUET: {} tensors, {:.2} M of {:.2} M parameters, position table {:?} -> {:?}",
-            r.copied.len(),
-            r.copied_params as f64 / 1e6,
-            r.total_params as f64 / 1e6,
-            r.pos_embed_from,
-            r.pos_embed_to
-        );
-        transfer = Some(r);
-    }
+    let transfer = match p.init {
+        DitInit::Meduet => Some(init_from_meduet(ctx, &model, &vs)?),
+        DitInit::Scratch => None,
+    };
     let mut ema_vs = VarStore::new(dev);
     let _ema_model = Dit::new(&ema_vs.root(), &cfg).map_err(fail)?;
     ema_vs.copy(&vs).map_err(fail)?;
     ema_vs.freeze();
-    let mut opt = AdamW::new(
-        &vs,
-        AdamWConfig {
-            beta1: p.beta1,
-            beta2: p.beta2,
-            eps: 1e-8,
-            weight_decay: p.weight_decay,
-        },
-    );
-    let sched = CosineLrScheduler {
-        base_lr: p.lr,
-        warmup_t: p.warmup_steps,
-        warmup_lr_init: 1e-6f64.min(p.lr),
-        t_initial: p.steps,
-        lr_min: p.min_lr,
-        warmup_prefix: false,
-    };
-    let ddpm = GaussianDiffusion::linear(
-        p.schedule.timesteps,
-        p.schedule.beta_start,
-        p.schedule.beta_end,
-    );
-    let mut scaler = GradScaler::new(dev.is_cuda() && p.amp == Amp::Fp16);
-    let n_params: i64 = vs
-        .trainable_variables()
-        .iter()
-        .map(|t| t.numel() as i64)
-        .sum();
+    let learner = Learner::new(&vs, &training);
+    let n_params = trainable_parameters(&vs);
     tracing::info!(
         "{:?} {}x{} ({} heads, patch {}, {} tokens), condition {:?}, {:.2} M parameters, {} steps of batch {} on {dev:?}",
         p.method, cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.patch, cfg.num_tokens(),
         cfg.condition, n_params as f64 / 1e6, p.steps, p.batch_size
     );
     warn_if_bottlenecked("diffusion_train", cfg.hidden_size, cfg.patch_values());
-
-    let scratch = ctx.scratch_dir()?;
-    let cps = Checkpoints::new(&scratch);
-    let mut start = 0;
-    let mut scale_factor = p.scale_factor;
-    if let Some((step, dir)) = cps.latest() {
-        Checkpoints::load_into(&dir, "model.safetensors", &mut vs).map_err(fail)?;
-        Checkpoints::load_into(&dir, "ema.safetensors", &mut ema_vs).map_err(fail)?;
-        opt.load(&dir.join("optimizer.safetensors")).map_err(fail)?;
-        let st = Checkpoints::state(&dir).map_err(fail)?;
-        scaler = serde_json::from_value(st["scaler"].clone()).map_err(fail)?;
-        scale_factor = st["scale_factor"].as_f64();
-        start = step;
-        tracing::info!("resuming from the checkpoint at step {step}");
-    }
-    let scale_factor = match scale_factor {
-        Some(s) => s,
-        None => {
-            let b = sampler.batch(0, p.batch_size);
-            let sd = std_unbiased(&b.data);
-            if !(sd > 0.0) || !sd.is_finite() {
-                return Err(StageError::input(format!(
-                    "the first batch of latents has standard deviation {sd}: cannot set the scale factor (give scale_factor)"
-                )));
-            }
-            1.0 / sd
-        }
-    };
-    tracing::info!("latent scale factor {scale_factor:.6}");
     let bank_dev: Vec<Tensor> = bank
         .as_ref()
         .map(|b| b.tensors.iter().map(|t| t.to_device(dev)).collect())
         .unwrap_or_default();
-    let log_path = scratch.join("losses.jsonl");
-    let mut log = JsonlLog::open(&log_path, start).map_err(|e| StageError::io(&log_path, e))?;
-    let prefetch = Prefetcher::new(sampler, start, p.steps, p.batch_size, 1, 2);
-    let bar = ctx.progress(p.steps, "steps");
-    bar.set_position(start);
-    let mut last_loss = f64::NAN;
-    let mut first_loss = None;
-    for step in start..p.steps {
-        ctx.check_cancelled()?;
-        let (_, batch) = prefetch
-            .next_batch()
-            .ok_or_else(|| fail("the batch prefetcher stopped early"))?;
-        let b = batch.shape[0] as i64;
-        let shape: Vec<i64> = batch.shape.iter().map(|&v| v as i64).collect();
-        let x1 =
-            (Tensor::from_slice(&batch.data).view(shape.as_slice()) * scale_factor).to_device(dev);
-        let idx = Tensor::from_slice(&batch.ids.iter().map(|id| rows[id]).collect::<Vec<i64>>())
-            .to_device(dev);
-        let conds: Vec<Tensor> = bank_dev.iter().map(|t| t.index_select(0, &idx)).collect();
-        let seed = step_seed(p.seed, step);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let drops = [
-            dropout_mask(b as usize, p.dropout_content, &mut rng, dev),
-            dropout_mask(b as usize, p.dropout_style, &mut rng, dev),
-        ];
-        tch::manual_seed(seed as i64);
-        let cond = match cfg.condition {
-            ConditionMode::Factors => Cond::Factors {
-                content: &conds[0],
-                style: &conds[1],
-            },
-            ConditionMode::Metadata => Cond::Metadata(&conds[0]),
-            ConditionMode::None => Cond::None,
-        };
-        let loss = tch::autocast(scaler.enabled, || -> Result<Tensor, StageError> {
-            let (xt, t_model, target) = match p.method {
-                Method::Dit => {
-                    let t = Tensor::randint(ddpm.num_timesteps() as i64, [b], (Kind::Int64, dev));
-                    let noise = x1.randn_like();
-                    let xt = ddpm.q_sample(&x1, &t, &noise);
-                    (xt, ddpm.model_timesteps(&t), noise)
-                }
-                Method::Sit => {
-                    let t = Tensor::rand([b], (Kind::Float, dev));
-                    let x0 = x1.randn_like();
-                    let s = transport::interpolate(&t, &x0, &x1);
-                    (s.xt, t, s.ut)
-                }
-            };
-            let pred = model
-                .forward(&xt, &t_model, &cond, &[Some(&drops[0]), Some(&drops[1])])
-                .map_err(fail)?;
-            Ok((pred.to_kind(Kind::Float) - target)
-                .square()
-                .mean(Kind::Float))
-        })?;
-        let lv = loss.double_value(&[]);
-        if !lv.is_finite() {
-            return Err(fail(format!(
-                "the loss is not finite at step {step}; nothing is committed (lower lr or check the latents)"
-            )));
-        }
-        opt.zero_grad();
-        scaler.backward(&loss);
-        let lr = sched.lr(step);
-        let (grad_norm, stepped) = scaler.step(&mut opt, lr, p.grad_clip);
-        if stepped {
-            ema_update(&ema_vs, &vs, p.ema_decay).map_err(fail)?;
-        }
-        log.write(&serde_json::json!({
-            "step": step, "lr": lr, "loss": lv, "grad_norm": grad_norm, "stepped": stepped,
-        }))
-        .map_err(|e| StageError::io(&log_path, e))?;
-        last_loss = lv;
-        first_loss.get_or_insert(lv);
-        bar.inc(1);
-        let done = step + 1;
-        if p.snapshot_steps.contains(&done) {
-            // Written whole before it is renamed into place: a kill never leaves half a
-            // snapshot (a resumed run rewrites it identically from the earlier checkpoint).
-            let file = scratch.join(snapshot_file(done));
-            let part = file.with_extension("partial.safetensors");
-            std::fs::create_dir_all(file.parent().expect("snapshots/"))
-                .map_err(|e| StageError::io(&file, e))?;
-            ema_vs.save(&part).map_err(fail)?;
-            std::fs::rename(&part, &file).map_err(|e| StageError::io(&file, e))?;
-            tracing::info!("EMA snapshot at step {done}");
-        }
-        if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.steps {
-            let write_opt = |path: &Path| opt.save(path).map_err(|e| e.to_string());
-            cps.save(
-                done,
-                &[("model.safetensors", &vs), ("ema.safetensors", &ema_vs)],
-                &[("optimizer.safetensors", &write_opt)],
-                serde_json::json!({ "scaler": scaler, "scale_factor": scale_factor }),
-            )
-            .map_err(fail)?;
-        }
-    }
-    bar.finish_and_clear();
+    let mut task = DiffusionTask {
+        p,
+        dev,
+        condition: cfg.condition,
+        vs,
+        ema_vs,
+        model,
+        learner,
+        ddpm: GaussianDiffusion::linear(
+            p.noise_schedule.timesteps,
+            p.noise_schedule.beta_start,
+            p.noise_schedule.beta_end,
+        ),
+        rows,
+        bank: bank_dev,
+        sampler,
+        prefetch: None,
+        scale_factor: p.scale_factor,
+        scratch: ctx.scratch_dir()?,
+    };
+    let trained = trainer::run(ctx, &training, &mut task)?;
+    let scale_factor = task.scale_factor.expect("set when training started");
     let out = ctx.output_dir("model")?;
-    vs.save(out.join("model.safetensors")).map_err(fail)?;
-    ema_vs.save(out.join("ema.safetensors")).map_err(fail)?;
+    task.vs.save(out.join("model.safetensors")).map_err(fail)?;
+    task.ema_vs
+        .save(out.join("ema.safetensors"))
+        .map_err(fail)?;
     for &k in &p.snapshot_steps {
-        let (from, to) = (scratch.join(snapshot_file(k)), out.join(snapshot_file(k)));
+        let (from, to) = (
+            task.scratch.join(snapshot_file(k)),
+            out.join(snapshot_file(k)),
+        );
         std::fs::create_dir_all(to.parent().expect("snapshots/"))
             .map_err(|e| StageError::io(&to, e))?;
         std::fs::copy(&from, &to).map_err(|e| StageError::io(&from, e))?;
     }
-    std::fs::copy(&log_path, out.join("losses.jsonl")).map_err(|e| StageError::io(&log_path, e))?;
     match &bank {
         Some(b) => b.save(&out)?,
         None => ConditionBank {
@@ -578,19 +407,17 @@ pub fn train(
     write_json(
         &out.join("config.json"),
         &serde_json::json!({
-            "model": cfg, "method": p.method, "schedule": p.schedule,
+            "model": cfg, "method": p.method, "schedule": p.noise_schedule,
             "scale_factor": scale_factor, "training": p, "domains": domains,
             "image_spacing": spacing, "trainable_parameters": n_params, "meduet_init": transfer,
         }),
     )?;
-    plot_jsonl(
-        &out.join("losses.jsonl"),
-        &out.join("losses.png"),
+    trainer::finish(
+        &trained,
+        &out,
         &format!("{:?} training loss", p.method),
         &LOSS_FIELDS,
-        true,
-    )
-    .map_err(fail)?;
+    )?;
     // The loss averaged over the first and last tenth (single steps are noisy).
     let col = crate::train::log::read_column(&out.join("losses.jsonl"), "loss");
     let k = (col.len() / 10).max(1);
@@ -600,13 +427,207 @@ pub fn train(
         ctx.set_metric("loss_first_tenth", head);
         ctx.set_metric("loss_last_tenth", tail);
     }
-    ctx.set_metric("final_loss", last_loss);
-    if let Some(f) = first_loss {
-        ctx.set_metric("first_loss", f);
+    if let (Some(first), Some(last)) = (col.first(), col.last()) {
+        ctx.set_metric("first_loss", first.1);
+        ctx.set_metric("final_loss", last.1);
     }
     ctx.set_metric("scale_factor", scale_factor);
     ctx.set_metric("trainable_parameters", n_params);
     Ok(())
+}
+
+/// The condition vectors the model is trained on, by its condition mode.
+fn condition_bank(
+    ctx: &StageContext,
+    cfg: &DitConfig,
+    items: &[Item],
+    domains: &DomainMap,
+) -> Result<Option<ConditionBank>, StageError> {
+    Ok(match cfg.condition {
+        ConditionMode::Factors => {
+            let f = ctx.inputs("factors");
+            let f = f.first().ok_or_else(|| {
+                StageError::input(
+                    "model.condition = \"factors\" needs the 'factors' input (an extract_factors stage)",
+                )
+            })?;
+            let all = ConditionBank::from_factors(&f.dir)?;
+            let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
+            Some(all.select(&ids)?)
+        }
+        ConditionMode::Metadata => Some(ConditionBank::metadata(items, domains)?),
+        ConditionMode::None => None,
+    })
+}
+
+/// Copies a pretrained MeDUET encoder (the `meduet` input) into the DiT.
+fn init_from_meduet(
+    ctx: &StageContext,
+    model: &Dit,
+    vs: &VarStore,
+) -> Result<crate::models::dit::TransferReport, StageError> {
+    let m = ctx.inputs("meduet");
+    let m = m.first().ok_or_else(|| {
+        StageError::input("init = \"meduet\" needs the 'meduet' input (a pretrain stage)")
+    })?;
+    let mcfg_json: serde_json::Value = read_json(&m.dir.join("config.json"))?;
+    let mcfg: MeduetConfig = serde_json::from_value(mcfg_json["model"].clone())
+        .map_err(|e| StageError::input(format!("'{}': model: {e}", m.dir.display())))?;
+    let r = model
+        .load_meduet(vs, &m.dir.join("student.safetensors"), [mcfg.grid(); 3])
+        .map_err(|e| StageError::input(e.to_string()))?;
+    tracing::info!(
+        "initialised from MeDUET: {} tensors, {:.2} M of {:.2} M parameters, position table {:?} -> {:?}",
+        r.copied.len(),
+        r.copied_params as f64 / 1e6,
+        r.total_params as f64 / 1e6,
+        r.pos_embed_from,
+        r.pos_embed_to
+    );
+    Ok(r)
+}
+
+/// One diffusion training run as the shared loop sees it.
+struct DiffusionTask<'a> {
+    p: &'a DiffusionTrainParams,
+    dev: Device,
+    condition: ConditionMode,
+    vs: VarStore,
+    ema_vs: VarStore,
+    model: Dit,
+    learner: Learner,
+    ddpm: GaussianDiffusion,
+    /// Subject id -> row of the condition bank.
+    rows: HashMap<String, i64>,
+    bank: Vec<Tensor>,
+    sampler: Arc<CropSampler>,
+    prefetch: Option<Prefetcher>,
+    /// Set from the parameters, a resumed checkpoint, or the first batch.
+    scale_factor: Option<f64>,
+    scratch: std::path::PathBuf,
+}
+
+impl TrainingTask for DiffusionTask<'_> {
+    fn stores(&mut self) -> Vec<(&'static str, &mut VarStore)> {
+        vec![
+            ("model.safetensors", &mut self.vs),
+            ("ema.safetensors", &mut self.ema_vs),
+        ]
+    }
+    fn learners(&mut self) -> Vec<(&'static str, &mut Learner)> {
+        vec![("optimizer", &mut self.learner)]
+    }
+    fn save_extra(&self, _dir: &Path) -> Result<serde_json::Value, String> {
+        Ok(serde_json::json!({ "scale_factor": self.scale_factor }))
+    }
+    fn load_extra(&mut self, _dir: &Path, state: &serde_json::Value) -> Result<(), StageError> {
+        self.scale_factor = state["scale_factor"].as_f64();
+        Ok(())
+    }
+    fn start(&mut self, first_step: u64) -> Result<(), StageError> {
+        if self.scale_factor.is_none() {
+            let b = self.sampler.batch(0, self.p.batch_size);
+            let sd = std_unbiased(&b.data);
+            if !(sd > 0.0) || !sd.is_finite() {
+                return Err(StageError::input(format!(
+                    "the first batch of latents has standard deviation {sd}: cannot set the scale factor (give scale_factor)"
+                )));
+            }
+            self.scale_factor = Some(1.0 / sd);
+        }
+        tracing::info!("latent scale factor {:.6}", self.scale_factor.expect("set"));
+        self.prefetch = Some(Prefetcher::new(
+            self.sampler.clone(),
+            first_step,
+            self.p.steps,
+            self.p.batch_size,
+            1,
+            2,
+        ));
+        Ok(())
+    }
+    fn step(&mut self, s: &Step) -> Result<StepOutput, StageError> {
+        let p = self.p;
+        let dev = self.dev;
+        let (_, batch) = self
+            .prefetch
+            .as_ref()
+            .and_then(|p| p.next_batch())
+            .ok_or_else(|| fail("the batch prefetcher stopped early"))?;
+        let b = batch.shape[0] as i64;
+        let x1 = (batch_tensor(&batch.data, &batch.shape) * self.scale_factor.expect("set"))
+            .to_device(dev);
+        let ids: Vec<i64> = batch.ids.iter().map(|id| self.rows[id]).collect();
+        let idx = Tensor::from_slice(&ids).to_device(dev);
+        let conds: Vec<Tensor> = self.bank.iter().map(|t| t.index_select(0, &idx)).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed);
+        let drops = [
+            dropout_mask(b as usize, p.dropout_content, &mut rng, dev),
+            dropout_mask(b as usize, p.dropout_style, &mut rng, dev),
+        ];
+        tch::manual_seed(s.seed as i64);
+        let cond = match self.condition {
+            ConditionMode::Factors => Cond::Factors {
+                content: &conds[0],
+                style: &conds[1],
+            },
+            ConditionMode::Metadata => Cond::Metadata(&conds[0]),
+            ConditionMode::None => Cond::None,
+        };
+        let loss = tch::autocast(self.learner.autocast(), || -> Result<Tensor, StageError> {
+            let (xt, t_model, target) = match p.method {
+                Method::Dit => {
+                    let t =
+                        Tensor::randint(self.ddpm.num_timesteps() as i64, [b], (Kind::Int64, dev));
+                    let noise = x1.randn_like();
+                    let xt = self.ddpm.q_sample(&x1, &t, &noise);
+                    (xt, self.ddpm.model_timesteps(&t), noise)
+                }
+                Method::Sit => {
+                    let t = Tensor::rand([b], (Kind::Float, dev));
+                    let x0 = x1.randn_like();
+                    let s = transport::interpolate(&t, &x0, &x1);
+                    (s.xt, t, s.ut)
+                }
+            };
+            let pred = self
+                .model
+                .forward(&xt, &t_model, &cond, &[Some(&drops[0]), Some(&drops[1])])
+                .map_err(fail)?;
+            Ok((pred.to_kind(Kind::Float) - target)
+                .square()
+                .mean(Kind::Float))
+        })?;
+        let (grad_norm, stepped) = self.learner.minimize(&loss, s)?;
+        let rec = serde_json::json!({
+            "loss": loss.double_value(&[]), "grad_norm": grad_norm, "stepped": stepped,
+        });
+        Ok(StepOutput {
+            record: rec.as_object().expect("object").clone(),
+            stepped,
+        })
+    }
+    fn ema(&self, _step: u64) -> Option<Ema<'_>> {
+        Some(Ema {
+            averaged: &self.ema_vs,
+            source: &self.vs,
+            momentum: self.p.ema_decay,
+        })
+    }
+    fn after_step(&mut self, done: u64) -> Result<(), StageError> {
+        if self.p.snapshot_steps.contains(&done) {
+            // Written whole before it is renamed into place: a kill never leaves half a
+            // snapshot (a resumed run rewrites it identically from the earlier checkpoint).
+            let file = self.scratch.join(snapshot_file(done));
+            let part = file.with_extension("partial.safetensors");
+            std::fs::create_dir_all(file.parent().expect("snapshots/"))
+                .map_err(|e| StageError::io(&file, e))?;
+            self.ema_vs.save(&part).map_err(fail)?;
+            std::fs::rename(&part, &file).map_err(|e| StageError::io(&file, e))?;
+            tracing::info!("EMA snapshot at step {done}");
+        }
+        Ok(())
+    }
 }
 
 /// A trained model loaded for sampling.

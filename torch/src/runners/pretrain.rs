@@ -13,24 +13,23 @@ use std::sync::Arc;
 use crate::models::meduet::{Masks, MeDuet, StepInfo, Teacher};
 use meduet_engine::{StageContext, StageError};
 use meduet_stages::kinds::pretrain::{meduet_config, Pretrain, PretrainParams};
-use meduet_stages::kinds::vae::Amp;
 use meduet_stages::sampling::{CropSampler, Prefetcher};
-use meduet_stages::schedule::{CosineLrScheduler, EmaSchedule};
+use meduet_stages::schedule::EmaSchedule;
 use rand::SeedableRng;
 use tch::nn::VarStore;
 use tch::Tensor;
 
-use super::common::{device, fail, latent_sources, step_seed, write_json, DomainMap};
-use crate::train::amp::GradScaler;
-use crate::train::checkpoint::Checkpoints;
-use crate::train::log::{plot_jsonl, JsonlLog};
-use crate::train::optim::{AdamW, AdamWConfig};
+use super::common::{
+    batch_tensor, device, fail, latent_sources, trainable_parameters, write_json, DomainMap,
+};
+use crate::train::trainer::{self, Ema, Learner, Step, StepOutput, TrainingTask};
 
 /// Loss columns of `losses.jsonl`.
 pub const LOSS_FIELDS: [&str; 6] = ["total", "rec", "domain_c", "domain_s", "mftd", "siqc"];
 
 pub fn run(_: &Pretrain, p: &PretrainParams, ctx: &mut StageContext) -> Result<(), StageError> {
     let dev = device(ctx);
+    let training = p.training().map_err(StageError::input)?;
     let items = ctx.input("latents")?.items.clone();
     if items.len() < 2 {
         return Err(StageError::input(format!(
@@ -57,37 +56,11 @@ pub fn run(_: &Pretrain, p: &PretrainParams, ctx: &mut StageContext) -> Result<(
             .map_err(StageError::input)?,
     );
     tch::manual_seed(p.seed as i64);
-    let mut vs = VarStore::new(dev);
+    let vs = VarStore::new(dev);
     let model = MeDuet::new(&vs.root(), &cfg).map_err(fail)?;
-    let mut teacher = Teacher::from_student(&vs, &cfg).map_err(fail)?;
-    let mut opt = AdamW::new(
-        &vs,
-        AdamWConfig {
-            beta1: p.beta1,
-            beta2: p.beta2,
-            eps: 1e-8,
-            weight_decay: p.weight_decay,
-        },
-    );
-    let sched = CosineLrScheduler {
-        base_lr: p.lr,
-        warmup_t: p.warmup_steps,
-        warmup_lr_init: 1e-6f64.min(p.lr),
-        t_initial: p.steps,
-        lr_min: p.min_lr,
-        warmup_prefix: false,
-    };
-    let ema = EmaSchedule {
-        base: p.ema_base,
-        final_value: p.ema_final,
-        total_steps: p.steps,
-    };
-    let mut scaler = GradScaler::new(dev.is_cuda() && p.amp == Amp::Fp16);
-    let n_params: i64 = vs
-        .trainable_variables()
-        .iter()
-        .map(|t| t.numel() as i64)
-        .sum();
+    let teacher = Teacher::from_student(&vs, &cfg).map_err(fail)?;
+    let learner = Learner::new(&vs, &training);
+    let n_params = trainable_parameters(&vs);
     tracing::info!("MeDUET {}x{} (decoder {}x{}), {} domains, {:.2} M trainable parameters, {} steps of batch {} on {dev:?}", cfg.embed_dim, cfg.depth, cfg.decoder_embed_dim, cfg.decoder_depth, cfg.n_domains, n_params as f64 / 1e6, p.steps, p.batch_size);
     super::common::warn_if_bottlenecked("pretrain (encoder)", cfg.embed_dim, cfg.patch_values());
     super::common::warn_if_bottlenecked(
@@ -95,118 +68,38 @@ pub fn run(_: &Pretrain, p: &PretrainParams, ctx: &mut StageContext) -> Result<(
         cfg.decoder_embed_dim,
         cfg.patch_values(),
     );
-
-    let scratch = ctx.scratch_dir()?;
-    let cps = Checkpoints::new(&scratch);
-    let mut start = 0;
-    if let Some((step, dir)) = cps.latest() {
-        Checkpoints::load_into(&dir, "student.safetensors", &mut vs).map_err(fail)?;
-        Checkpoints::load_into(&dir, "teacher.safetensors", teacher.var_store_mut())
-            .map_err(fail)?;
-        opt.load(&dir.join("optimizer.safetensors")).map_err(fail)?;
-        let st = Checkpoints::state(&dir).map_err(fail)?;
-        scaler = serde_json::from_value(st["scaler"].clone()).map_err(fail)?;
-        start = step;
-        tracing::info!("resuming from the checkpoint at step {step}");
-    }
-    let log_path = scratch.join("losses.jsonl");
-    let mut log = JsonlLog::open(&log_path, start).map_err(|e| StageError::io(&log_path, e))?;
-    let prefetch = Prefetcher::new(sampler, start, p.steps, p.batch_size, 1, 2);
-    let bar = ctx.progress(p.steps, "steps");
-    bar.set_position(start);
-    let num_tokens = cfg.num_tokens();
-    let mut last = None;
-    for step in start..p.steps {
-        ctx.check_cancelled()?;
-        let (_, batch) = prefetch
-            .next_batch()
-            .ok_or_else(|| fail("the batch prefetcher stopped early"))?;
-        let x = Tensor::from_slice(&batch.data)
-            .view([
-                batch.shape[0] as i64,
-                batch.shape[1] as i64,
-                batch.shape[2] as i64,
-                batch.shape[3] as i64,
-                batch.shape[4] as i64,
-            ])
-            .to_device(dev);
-        let doms = Tensor::from_slice(&batch.domains).to_device(dev);
-        let seed = step_seed(p.seed, step);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let masks = Masks::random(
-            batch.shape[0] as i64,
-            num_tokens,
-            cfg.mask_ratio,
-            &mut rng,
-            dev,
-        );
-        tch::manual_seed(seed as i64);
-        let losses = tch::autocast(scaler.enabled, || {
-            model.forward_losses(
-                teacher.model(),
-                &x,
-                &doms,
-                &masks,
-                StepInfo::new(step, p.steps),
-            )
-        })
-        .map_err(fail)?;
-        let v = losses.values();
-        if !v.total.is_finite() {
-            return Err(fail(format!("the loss is not finite at step {step} ({v:?}); nothing is committed (lower lr or check the latents)")));
-        }
-        opt.zero_grad();
-        scaler.backward(&losses.total);
-        let lr = sched.lr(step);
-        let (grad_norm, stepped) = scaler.step(&mut opt, lr, p.grad_clip);
-        let m = ema.momentum(step);
-        if stepped {
-            teacher.update(&vs, m).map_err(fail)?;
-        }
-        let rec = serde_json::json!({
-            "step": step, "lr": lr, "momentum": m, "grad_norm": grad_norm, "stepped": stepped,
-            "total": v.total, "rec": v.rec, "domain_c": v.domain_c, "domain_s": v.domain_s,
-            "mftd": v.mftd, "siqc": v.siqc, "mftd_active": v.mftd_active,
-        });
-        log.write(&rec).map_err(|e| StageError::io(&log_path, e))?;
-        last = Some(rec);
-        bar.inc(1);
-        let done = step + 1;
-        if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.steps {
-            let write_opt = |path: &std::path::Path| opt.save(path).map_err(|e| e.to_string());
-            cps.save(
-                done,
-                &[
-                    ("student.safetensors", &vs),
-                    ("teacher.safetensors", teacher.var_store()),
-                ],
-                &[("optimizer.safetensors", &write_opt)],
-                serde_json::json!({ "scaler": scaler }),
-            )
-            .map_err(fail)?;
-        }
-    }
-    bar.finish_and_clear();
+    let mut task = PretrainTask {
+        p,
+        num_tokens: cfg.num_tokens(),
+        mask_ratio: cfg.mask_ratio,
+        dev,
+        vs,
+        model,
+        teacher,
+        learner,
+        ema: EmaSchedule {
+            base: p.ema_base,
+            final_value: p.ema_final,
+            total_steps: p.steps,
+        },
+        sampler,
+        prefetch: None,
+    };
+    let trained = trainer::run(ctx, &training, &mut task)?;
     let out = ctx.output_dir("model")?;
-    vs.save(out.join("student.safetensors")).map_err(fail)?;
-    teacher
+    task.vs
+        .save(out.join("student.safetensors"))
+        .map_err(fail)?;
+    task.teacher
         .var_store()
         .save(out.join("teacher.safetensors"))
         .map_err(fail)?;
-    std::fs::copy(&log_path, out.join("losses.jsonl")).map_err(|e| StageError::io(&log_path, e))?;
     write_json(
         &out.join("config.json"),
         &serde_json::json!({ "model": cfg, "training": p, "domains": domains, "trainable_parameters": n_params }),
     )?;
-    plot_jsonl(
-        &out.join("losses.jsonl"),
-        &out.join("losses.png"),
-        "MeDUET pretraining losses",
-        &LOSS_FIELDS,
-        true,
-    )
-    .map_err(fail)?;
-    if let Some(l) = last {
+    trainer::finish(&trained, &out, "MeDUET pretraining losses", &LOSS_FIELDS)?;
+    if let Some(l) = &trained.last {
         for f in LOSS_FIELDS {
             ctx.set_metric(&format!("final_{f}"), l[f].clone());
         }
@@ -218,4 +111,88 @@ pub fn run(_: &Pretrain, p: &PretrainParams, ctx: &mut StageContext) -> Result<(
     }
     ctx.set_metric("trainable_parameters", n_params);
     Ok(())
+}
+
+/// One pretraining run as the shared loop sees it.
+struct PretrainTask<'a> {
+    p: &'a PretrainParams,
+    num_tokens: i64,
+    mask_ratio: f64,
+    dev: tch::Device,
+    vs: VarStore,
+    model: MeDuet,
+    teacher: Teacher,
+    learner: Learner,
+    ema: EmaSchedule,
+    sampler: Arc<CropSampler>,
+    prefetch: Option<Prefetcher>,
+}
+
+impl TrainingTask for PretrainTask<'_> {
+    fn stores(&mut self) -> Vec<(&'static str, &mut VarStore)> {
+        vec![
+            ("student.safetensors", &mut self.vs),
+            ("teacher.safetensors", self.teacher.var_store_mut()),
+        ]
+    }
+    fn learners(&mut self) -> Vec<(&'static str, &mut Learner)> {
+        vec![("optimizer", &mut self.learner)]
+    }
+    fn start(&mut self, first_step: u64) -> Result<(), StageError> {
+        self.prefetch = Some(Prefetcher::new(
+            self.sampler.clone(),
+            first_step,
+            self.p.steps,
+            self.p.batch_size,
+            1,
+            2,
+        ));
+        Ok(())
+    }
+    fn step(&mut self, s: &Step) -> Result<StepOutput, StageError> {
+        let (_, batch) = self
+            .prefetch
+            .as_ref()
+            .and_then(|p| p.next_batch())
+            .ok_or_else(|| fail("the batch prefetcher stopped early"))?;
+        let x = batch_tensor(&batch.data, &batch.shape).to_device(self.dev);
+        let doms = Tensor::from_slice(&batch.domains).to_device(self.dev);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed);
+        let masks = Masks::random(
+            batch.shape[0] as i64,
+            self.num_tokens,
+            self.mask_ratio,
+            &mut rng,
+            self.dev,
+        );
+        tch::manual_seed(s.seed as i64);
+        let losses = tch::autocast(self.learner.autocast(), || {
+            self.model.forward_losses(
+                self.teacher.model(),
+                &x,
+                &doms,
+                &masks,
+                StepInfo::new(s.step, self.p.steps),
+            )
+        })
+        .map_err(fail)?;
+        let v = losses.values();
+        let (grad_norm, stepped) = self.learner.minimize(&losses.total, s)?;
+        let rec = serde_json::json!({
+            "momentum": self.ema.momentum(s.step), "grad_norm": grad_norm, "stepped": stepped,
+            "total": v.total, "rec": v.rec, "domain_c": v.domain_c, "domain_s": v.domain_s,
+            "mftd": v.mftd, "siqc": v.siqc, "mftd_active": v.mftd_active,
+        });
+        Ok(StepOutput {
+            record: rec.as_object().expect("object").clone(),
+            stepped,
+        })
+    }
+    fn ema(&self, step: u64) -> Option<Ema<'_>> {
+        Some(Ema {
+            averaged: self.teacher.var_store(),
+            source: &self.vs,
+            momentum: self.ema.momentum(step),
+        })
+    }
 }

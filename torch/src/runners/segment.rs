@@ -30,10 +30,9 @@ use meduet_stages::data::zarr_store::read_zarr;
 use meduet_stages::kinds::resample::{IMAGE_ZARR, LABEL_ZARR};
 use meduet_stages::kinds::segment::*;
 use meduet_stages::kinds::subject::SubjectRecord;
-use meduet_stages::kinds::vae::{Amp, LATENT_ZARR, VAE_CONFIG, VAE_WEIGHTS};
+use meduet_stages::kinds::vae::{LATENT_ZARR, VAE_CONFIG, VAE_WEIGHTS};
 use meduet_stages::plot::{line_plot, Series};
 use meduet_stages::sampling::CropSource;
-use meduet_stages::schedule::CosineLrScheduler;
 use meduet_stages::segmentation::metrics::{per_class, ClassMetrics};
 use meduet_stages::segmentation::planner::{median_shape, plan_unet, UnetPlan};
 use meduet_stages::segmentation::sampler::{SegSampler, SegSource};
@@ -43,19 +42,18 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::common::{device, fail, load_frozen, read_json, write_json};
+use super::common::{
+    batch_tensor, device, fail, load_frozen, read_json, trainable_parameters, write_json,
+};
 use super::style_augment::{kl_consistency, StyleAugmenter, PROTOTYPE_FILE};
 use crate::inference::{sliding_window, SlidingWindow};
 use crate::models::meduet::Config as MeduetConfig;
 use crate::models::unet::{Unet, UnetConfig};
 use crate::models::unetr::{default_skips, PosEmbedInit, Unetr, UnetrConfig, UnetrHead};
 use crate::models::vae::{AutoencoderKlMaisi, Config as VaeConfig};
-use crate::train::amp::GradScaler;
-use crate::train::checkpoint::Checkpoints;
-use crate::train::log::{plot_jsonl, JsonlLog};
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::log::JsonlLog;
 use crate::train::seg_loss::{deep_supervision_weights, dice_ce, downsample_labels};
-use crate::train::sgd::{Sgd, SgdConfig};
+use crate::train::trainer::{self, Learner, Step, StepOutput, TrainingTask};
 
 /// Weights file of a `segmenter` / `classifier`.
 pub const WEIGHTS: &str = "weights.safetensors";
@@ -75,7 +73,6 @@ pub struct SegmenterConfig {
     pub plan: Option<UnetPlan>,
     /// The VAE decoder head (`unetr.output = "vae_decoder"`).
     pub vae_decoder: Option<VaeConfig>,
-    pub optimisation: Optimisation,
     pub training: SegmentTrainParams,
     pub trainable_parameters: i64,
 }
@@ -306,79 +303,6 @@ fn mean_dice(metrics: &[Vec<ClassMetrics>]) -> Option<f64> {
     mean(metrics.iter().flat_map(|m| m.iter().filter_map(|c| c.dice)))
 }
 
-enum Opt {
-    AdamW(AdamW),
-    Sgd(Sgd),
-}
-
-impl Opt {
-    fn zero_grad(&mut self) {
-        match self {
-            Opt::AdamW(o) => o.zero_grad(),
-            Opt::Sgd(o) => o.zero_grad(),
-        }
-    }
-    fn save(&self, p: &Path) -> Result<(), String> {
-        match self {
-            Opt::AdamW(o) => o.save(p).map_err(|e| e.to_string()),
-            Opt::Sgd(o) => o.save(p).map_err(|e| e.to_string()),
-        }
-    }
-    fn load(&mut self, p: &Path) -> Result<(), String> {
-        match self {
-            Opt::AdamW(o) => o.load(p),
-            Opt::Sgd(o) => o.load(p),
-        }
-    }
-    /// Unscale, clip, skip on overflow, step (as [`GradScaler::step`], for either optimiser).
-    fn scaled_step(&mut self, scaler: &mut GradScaler, lr: f64, max_norm: f64) -> (f64, bool) {
-        if let Opt::AdamW(o) = self {
-            return scaler.step(o, lr, max_norm);
-        }
-        let Opt::Sgd(o) = self else { unreachable!() };
-        if scaler.enabled {
-            o.scale_grads(1.0 / scaler.scale);
-        }
-        let norm = o.clip_grad_norm(if max_norm > 0.0 {
-            max_norm
-        } else {
-            f64::INFINITY
-        });
-        if !norm.is_finite() {
-            if scaler.enabled {
-                scaler.scale /= 2.0;
-                scaler.clean_steps = 0;
-            }
-            return (norm, false);
-        }
-        o.step(lr);
-        if scaler.enabled {
-            scaler.clean_steps += 1;
-            if scaler.clean_steps >= scaler.growth_interval {
-                scaler.scale *= 2.0;
-                scaler.clean_steps = 0;
-            }
-        }
-        (norm, true)
-    }
-}
-
-/// The learning rate at `step`.
-pub fn lr_at(o: &Optimisation, warmup: u64, steps: u64, step: u64) -> f64 {
-    match o.schedule {
-        LrSchedule::Cosine => CosineLrScheduler {
-            base_lr: o.lr,
-            warmup_t: warmup,
-            warmup_lr_init: 1e-6f64.min(o.lr),
-            t_initial: steps,
-            lr_min: o.min_lr,
-            warmup_prefix: false,
-        }
-        .lr(step),
-        LrSchedule::Poly => o.lr * (1.0 - step as f64 / steps as f64).max(0.0).powf(0.9),
-    }
-}
-
 /// Items by id.
 pub fn by_id(items: &[Item]) -> BTreeMap<String, Item> {
     items.iter().map(|i| (i.id.clone(), i.clone())).collect()
@@ -472,27 +396,17 @@ pub fn train(
     ctx: &mut StageContext,
 ) -> Result<(), StageError> {
     let dev = device(ctx);
+    let training = p.training().map_err(StageError::input)?;
     let vol_items = ctx.input("volumes")?.items.clone();
-    let latents = match ctx.inputs("latents").first() {
-        Some(l) => Some(by_id(&l.items)),
-        None => None,
-    };
+    let latents = ctx.inputs("latents").first().map(|l| by_id(&l.items));
     let meduet_dir = ctx.inputs("meduet").first().map(|m| m.dir.clone());
     let vae_dir = ctx.inputs("vae").first().map(|m| m.dir.clone());
-    let unetr = p.network == Network::Unetr;
-    if unetr && latents.is_none() {
-        return Err(StageError::input("network \"unetr\" works on latents: connect a 'latents' input (vae_encode of the same volumes)"));
-    }
-    if unetr && p.unetr.init == Init::Meduet && meduet_dir.is_none() {
-        return Err(StageError::input(
-            "unetr.init = \"meduet\" needs a 'meduet' input (a pretrain stage's model)",
-        ));
-    }
-    if unetr && p.unetr.output == UnetrOutput::VaeDecoder && vae_dir.is_none() {
-        return Err(StageError::input(
-            "unetr.output = \"vae_decoder\" needs a 'vae' input (the VAE of the latents)",
-        ));
-    }
+    check_inputs(
+        p,
+        latents.is_some(),
+        meduet_dir.is_some(),
+        vae_dir.is_some(),
+    )?;
     let subjects: Vec<(String, String)> = vol_items
         .iter()
         .map(|i| (i.id.clone(), domain_of(i)))
@@ -520,8 +434,176 @@ pub fn train(
         splits.heldout_domains
     );
     let items = by_id(&vol_items);
-    let lat = if unetr { latents.as_ref() } else { None };
-    // Classes: the listed label values, or every value in the training labels.
+    let labels = segmented_labels(p, &splits, &items)?;
+    let lut = label_lut(&labels);
+    let k = labels.len() as i64 + 1;
+    let lat = if p.network == Network::Unetr {
+        latents.as_ref()
+    } else {
+        None
+    };
+    let read = |ids: &[String]| -> Result<Vec<Case>, StageError> {
+        ids.iter()
+            .map(|id| read_case(&items[id], lat, &lut))
+            .collect()
+    };
+    let train_cases = read(&splits.train)?;
+    let val_cases = read(&splits.val)?;
+    let layout = match p.network {
+        Network::Unetr => unetr_layout(
+            p,
+            &train_cases,
+            k,
+            meduet_dir.as_deref(),
+            vae_dir.as_deref(),
+        )?,
+        Network::Unet => unet_layout(p, &train_cases, &vol_items, &splits, k)?,
+    };
+    tch::manual_seed(p.seed as i64);
+    let mut vs = VarStore::new(dev);
+    let mut config = SegmenterConfig {
+        network: p.network,
+        labels: labels.clone(),
+        scale: layout.scale,
+        roi: layout.roi,
+        unetr: layout.unetr,
+        unet: layout.unet,
+        plan: layout.plan,
+        vae_decoder: layout.vae_decoder,
+        training: p.clone(),
+        trainable_parameters: 0,
+    };
+    let net = Net::build(&vs.root(), &config).map_err(StageError::input)?;
+    let transfer = initialise(
+        p,
+        &net,
+        &mut vs,
+        &config,
+        meduet_dir.as_deref(),
+        vae_dir.as_deref(),
+        k,
+    )?;
+    let augmenter = StyleAugmenter::for_training(
+        &p.style_augment,
+        &p.split.label_fraction,
+        AugmentedTask::Segmentation,
+        meduet_dir.as_deref(),
+        p.unetr.crop,
+        train_cases[0].latent.as_ref().map_or(0, |l| l.1[0] as i64),
+        dev,
+    )?;
+    let n_params = trainable_parameters(&vs);
+    config.trainable_parameters = n_params;
+    let crop = layout.roi.map(|v| v as usize);
+    let sampler = SegSampler::new(layout.sources, crop, p.fg_fraction(), p.augment, p.seed)
+        .map_err(StageError::input)?;
+    tracing::info!(
+        "{:?}: {} classes (labels {:?}), {:.2} M trainable parameters, crops {:?} (x{} to the label grid), {} steps of batch {} with {:?} lr {} ({:?}) on {dev:?}",
+        p.network,
+        k - 1,
+        labels,
+        n_params as f64 / 1e6,
+        crop,
+        layout.scale,
+        p.steps,
+        p.batch_size,
+        training.optim.kind,
+        training.optim.lr,
+        training.schedule.kind
+    );
+    let ds_weights = match &net {
+        Net::Unet(u) => deep_supervision_weights(u.config().deep_supervision + 1),
+        _ => vec![1.0],
+    };
+    let scratch = ctx.scratch_dir()?;
+    let mut task = SegmentTask {
+        p,
+        dev,
+        learner: Learner::new(&vs, &training),
+        vs,
+        net,
+        sampler,
+        ds_weights,
+        augmenter,
+        splits: &splits,
+        latents: latents.as_ref(),
+        val_cases,
+        window: SlidingWindow {
+            roi: layout.roi,
+            overlap: 0.5,
+            batch: 4,
+            scale: layout.scale,
+            sigma_scale: 0.125,
+        },
+        classes: (k - 1) as u8,
+        val_log: None,
+        val_path: scratch.join("val_dice.jsonl"),
+        last_loss: f64::NAN,
+    };
+    let t0 = Instant::now();
+    let trained = trainer::run(ctx, &training, &mut task)?;
+    let out = ctx.output_dir("model")?;
+    task.vs.save(out.join(WEIGHTS)).map_err(fail)?;
+    trainer::finish(
+        &trained,
+        &out,
+        "segmentation training loss (DiceCE)",
+        &["loss", "dice_loss", "ce"],
+    )?;
+    std::fs::copy(&task.val_path, out.join("val_dice.jsonl"))
+        .map_err(|e| StageError::io(&task.val_path, e))?;
+    write_json(&out.join("splits.json"), &splits)?;
+    let mut cj = serde_json::to_value(&config).expect("json");
+    cj["meduet_transfer"] = serde_json::to_value(&transfer).expect("json");
+    write_json(&out.join("config.json"), &cj)?;
+    let vpts = plot_validation(&out)?;
+    let losses = crate::train::log::read_column(&out.join("losses.jsonl"), "loss");
+    if let (Some(a), Some(b)) = (losses.first(), losses.last()) {
+        ctx.set_metric("loss_first", a.1);
+        ctx.set_metric("loss_last", b.1);
+    }
+    if let Some(v) = vpts.last() {
+        ctx.set_metric("val_dice_last", v.1);
+    }
+    ctx.set_metric("train_subjects", splits.train.len());
+    ctx.set_metric("trainable_parameters", n_params);
+    ctx.set_metric("train_seconds", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Refuses a network setting whose input is not connected.
+fn check_inputs(
+    p: &SegmentTrainParams,
+    latents: bool,
+    meduet: bool,
+    vae: bool,
+) -> Result<(), StageError> {
+    if p.network != Network::Unetr {
+        return Ok(());
+    }
+    if !latents {
+        return Err(StageError::input("network \"unetr\" works on latents: connect a 'latents' input (vae_encode of the same volumes)"));
+    }
+    if p.unetr.init == Init::Meduet && !meduet {
+        return Err(StageError::input(
+            "unetr.init = \"meduet\" needs a 'meduet' input (a pretrain stage's model)",
+        ));
+    }
+    if p.unetr.output == UnetrOutput::VaeDecoder && !vae {
+        return Err(StageError::input(
+            "unetr.output = \"vae_decoder\" needs a 'vae' input (the VAE of the latents)",
+        ));
+    }
+    Ok(())
+}
+
+/// The label values segmented, in class order: the listed ones, or every value in the
+/// training labels.
+fn segmented_labels(
+    p: &SegmentTrainParams,
+    splits: &Splits,
+    items: &BTreeMap<String, Item>,
+) -> Result<Vec<u8>, StageError> {
     let labels: Vec<u8> = if p.labels.is_empty() {
         let mut seen = [false; 256];
         for id in &splits.train {
@@ -538,152 +620,178 @@ pub fn train(
             "the training labels have no foreground: nothing to segment",
         ));
     }
-    let lut = label_lut(&labels);
-    let k = labels.len() as i64 + 1;
-    let read = |ids: &[String]| -> Result<Vec<Case>, StageError> {
-        ids.iter()
-            .map(|id| read_case(&items[id], lat, &lut))
-            .collect()
-    };
-    let train_cases = read(&splits.train)?;
-    let val_cases = read(&splits.val)?;
-    let o = p.optimisation();
+    Ok(labels)
+}
 
-    // The network and its input grid.
-    tch::manual_seed(p.seed as i64);
-    let mut vs = VarStore::new(dev);
-    let (cfg_unetr, cfg_unet, plan, vae_cfg, scale, roi, sources);
-    if unetr {
-        let c0 = &train_cases[0];
-        scale = latent_scale(c0)?;
-        let in_ch = c0.latent.as_ref().expect("latent").1[0] as i64;
-        let mcfg = match (p.unetr.init, &meduet_dir) {
-            (Init::Meduet, Some(d)) => Some(meduet_model_config(d)?),
-            _ => None,
-        };
-        vae_cfg = match (p.unetr.output, &vae_dir) {
-            (UnetrOutput::VaeDecoder, Some(d)) => {
-                let mut v: VaeConfig = read_json(&d.join(VAE_CONFIG))?;
-                if v.downsample_factor() != scale {
-                    return Err(StageError::input(format!("the VAE downsamples by {}, the latents are {scale}x coarser than the labels", v.downsample_factor())));
-                }
-                v.out_channels = k;
-                Some(v)
-            }
-            _ => None,
-        };
-        let out = if vae_cfg.is_some() { in_ch } else { k };
-        cfg_unetr = Some(
-            unetr_config(&p.unetr, in_ch, out, UnetrHead::Segmentation, mcfg.as_ref())
-                .map_err(StageError::input)?,
-        );
-        cfg_unet = None;
-        plan = None;
-        roi = [p.unetr.crop as i64; 3];
-        sources = train_cases
-            .iter()
-            .map(|c| {
-                let (d, s) = c.latent.clone().expect("latent");
-                if latent_scale(c)? != scale {
-                    return Err(StageError::input(format!(
-                        "'{}': its latent scale differs from the others'",
-                        c.id
-                    )));
-                }
-                SegSource::new(
-                    CropSource {
-                        id: c.id.clone(),
-                        domain_id: 0,
-                        shape: s,
-                        data: d,
-                    },
-                    c.classes.clone(),
-                    c.image.shape,
-                    scale as usize,
-                )
-                .map_err(StageError::input)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-    } else {
-        scale = 1;
-        vae_cfg = None;
-        // Plan from the training domains' volumes (every subject's shape, not only the labelled).
-        let shapes: Vec<[usize; 3]> = vol_items
-            .iter()
-            .filter(|i| !splits.heldout.contains(&i.id))
-            .map(|i| read_zarr::<u8>(&i.dir.join(LABEL_ZARR)).map(|(l, _)| l.shape))
-            .collect::<Result<_, _>>()
-            .map_err(StageError::input)?;
-        let med = median_shape(&shapes).expect("subjects");
-        let spacing = train_cases[0].image.spacing();
-        let mut pl = plan_unet(med, spacing, &p.unet.planner).map_err(StageError::input)?;
-        if let Some(patch) = p.unet.patch {
-            let d = pl.divisor();
-            if (0..3).any(|a| patch[a] == 0 || patch[a] % d[a] != 0) {
+/// The network's configuration, its input grid and the training crops' sources.
+struct Layout {
+    unetr: Option<UnetrConfig>,
+    unet: Option<UnetConfig>,
+    plan: Option<UnetPlan>,
+    vae_decoder: Option<VaeConfig>,
+    /// Label voxels per input voxel.
+    scale: i64,
+    /// Training crop / inference window on the input grid.
+    roi: [i64; 3],
+    sources: Vec<SegSource>,
+}
+
+/// UNETR on the latents (optionally with the VAE decoder as its output head).
+fn unetr_layout(
+    p: &SegmentTrainParams,
+    train_cases: &[Case],
+    k: i64,
+    meduet_dir: Option<&Path>,
+    vae_dir: Option<&Path>,
+) -> Result<Layout, StageError> {
+    let c0 = &train_cases[0];
+    let scale = latent_scale(c0)?;
+    let in_ch = c0.latent.as_ref().expect("latent").1[0] as i64;
+    let mcfg = match (p.unetr.init, meduet_dir) {
+        (Init::Meduet, Some(d)) => Some(meduet_model_config(d)?),
+        _ => None,
+    };
+    let vae_decoder = match (p.unetr.output, vae_dir) {
+        (UnetrOutput::VaeDecoder, Some(d)) => {
+            let mut v: VaeConfig = read_json(&d.join(VAE_CONFIG))?;
+            if v.downsample_factor() != scale {
                 return Err(StageError::input(format!(
-                    "unet.patch {patch:?} must be positive multiples of the planned divisor {d:?}"
+                    "the VAE downsamples by {}, the latents are {scale}x coarser than the labels",
+                    v.downsample_factor()
                 )));
             }
-            pl.patch = patch;
+            v.out_channels = k;
+            Some(v)
         }
-        tracing::info!("nnU-Net plan: median shape {med:?} at {spacing:?} mm -> patch {:?}, {} stages, strides {:?}, features {:?}", pl.patch, pl.stages(), pl.strides, pl.features);
-        let s = pl.stages();
-        cfg_unet = Some(UnetConfig {
-            in_channels: 1,
-            out_channels: k,
-            kernels: pl.kernels.iter().map(|x| x.map(|v| v as i64)).collect(),
-            strides: pl.strides.iter().map(|x| x.map(|v| v as i64)).collect(),
-            features: pl.features.iter().map(|&f| f as i64).collect(),
-            deep_supervision: if p.unet.deep_supervision {
-                s.saturating_sub(2)
-            } else {
-                0
-            },
-        });
-        cfg_unetr = None;
-        roi = pl.patch.map(|v| v as i64);
-        plan = Some(pl);
-        sources = train_cases
-            .iter()
-            .map(|c| {
-                SegSource::new(
-                    CropSource {
-                        id: c.id.clone(),
-                        domain_id: 0,
-                        shape: [1, c.image.shape[0], c.image.shape[1], c.image.shape[2]],
-                        data: Arc::new(c.image.data.clone()),
-                    },
-                    c.classes.clone(),
-                    c.image.shape,
-                    1,
-                )
-                .map_err(StageError::input)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-    }
-    let mut config = SegmenterConfig {
-        network: p.network,
-        labels: labels.clone(),
-        scale,
-        roi,
-        unetr: cfg_unetr,
-        unet: cfg_unet,
-        plan,
-        vae_decoder: vae_cfg,
-        optimisation: o,
-        training: p.clone(),
-        trainable_parameters: 0,
+        _ => None,
     };
-    let net = Net::build(&vs.root(), &config).map_err(StageError::input)?;
+    let out = if vae_decoder.is_some() { in_ch } else { k };
+    let unetr = unetr_config(&p.unetr, in_ch, out, UnetrHead::Segmentation, mcfg.as_ref())
+        .map_err(StageError::input)?;
+    let sources = train_cases
+        .iter()
+        .map(|c| {
+            let (d, s) = c.latent.clone().expect("latent");
+            if latent_scale(c)? != scale {
+                return Err(StageError::input(format!(
+                    "'{}': its latent scale differs from the others'",
+                    c.id
+                )));
+            }
+            SegSource::new(
+                CropSource {
+                    id: c.id.clone(),
+                    domain_id: 0,
+                    shape: s,
+                    data: d,
+                },
+                c.classes.clone(),
+                c.image.shape,
+                scale as usize,
+            )
+            .map_err(StageError::input)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Layout {
+        unetr: Some(unetr),
+        unet: None,
+        plan: None,
+        vae_decoder,
+        scale,
+        roi: [p.unetr.crop as i64; 3],
+        sources,
+    })
+}
+
+/// The nnU-Net-style U-Net on the image grid, planned from the training domains' volumes.
+fn unet_layout(
+    p: &SegmentTrainParams,
+    train_cases: &[Case],
+    vol_items: &[Item],
+    splits: &Splits,
+    k: i64,
+) -> Result<Layout, StageError> {
+    // Every subject's shape, not only the labelled.
+    let shapes: Vec<[usize; 3]> = vol_items
+        .iter()
+        .filter(|i| !splits.heldout.contains(&i.id))
+        .map(|i| read_zarr::<u8>(&i.dir.join(LABEL_ZARR)).map(|(l, _)| l.shape))
+        .collect::<Result<_, _>>()
+        .map_err(StageError::input)?;
+    let med = median_shape(&shapes).expect("subjects");
+    let spacing = train_cases[0].image.spacing();
+    let mut pl = plan_unet(med, spacing, &p.unet.planner).map_err(StageError::input)?;
+    if let Some(patch) = p.unet.patch {
+        let d = pl.divisor();
+        if (0..3).any(|a| patch[a] == 0 || patch[a] % d[a] != 0) {
+            return Err(StageError::input(format!(
+                "unet.patch {patch:?} must be positive multiples of the planned divisor {d:?}"
+            )));
+        }
+        pl.patch = patch;
+    }
+    tracing::info!("nnU-Net plan: median shape {med:?} at {spacing:?} mm -> patch {:?}, {} stages, strides {:?}, features {:?}", pl.patch, pl.stages(), pl.strides, pl.features);
+    let s = pl.stages();
+    let unet = UnetConfig {
+        in_channels: 1,
+        out_channels: k,
+        kernels: pl.kernels.iter().map(|x| x.map(|v| v as i64)).collect(),
+        strides: pl.strides.iter().map(|x| x.map(|v| v as i64)).collect(),
+        features: pl.features.iter().map(|&f| f as i64).collect(),
+        deep_supervision: if p.unet.deep_supervision {
+            s.saturating_sub(2)
+        } else {
+            0
+        },
+    };
+    let sources = train_cases
+        .iter()
+        .map(|c| {
+            SegSource::new(
+                CropSource {
+                    id: c.id.clone(),
+                    domain_id: 0,
+                    shape: [1, c.image.shape[0], c.image.shape[1], c.image.shape[2]],
+                    data: Arc::new(c.image.data.clone()),
+                },
+                c.classes.clone(),
+                c.image.shape,
+                1,
+            )
+            .map_err(StageError::input)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Layout {
+        unetr: None,
+        unet: Some(unet),
+        roi: pl.patch.map(|v| v as i64),
+        plan: Some(pl),
+        vae_decoder: None,
+        scale: 1,
+        sources,
+    })
+}
+
+/// Copies a pretrained MeDUET encoder into UNETR and the VAE's decoder into its head, as
+/// the parameters ask; returns what was copied from MeDUET.
+fn initialise(
+    p: &SegmentTrainParams,
+    net: &Net,
+    vs: &mut VarStore,
+    config: &SegmenterConfig,
+    meduet_dir: Option<&Path>,
+    vae_dir: Option<&Path>,
+    k: i64,
+) -> Result<Option<crate::models::unetr::Transfer>, StageError> {
     let mut transfer = None;
-    if let (Net::Unetr { net: u, .. }, Some(d), Init::Meduet) = (&net, &meduet_dir, p.unetr.init) {
+    if let (Net::Unetr { net: u, .. }, Some(d), Init::Meduet) = (net, meduet_dir, p.unetr.init) {
         let m = meduet_model_config(d)?;
         let pos = match p.unetr.pos_embed {
             PosEmbed::Skip => PosEmbedInit::Skip,
             PosEmbed::Interpolate => PosEmbedInit::Interpolate,
         };
         let t = u
-            .load_meduet(&mut vs, &d.join("student.safetensors"), pos, m.grid())
+            .load_meduet(vs, &d.join("student.safetensors"), pos, m.grid())
             .map_err(StageError::input)?;
         tracing::info!(
             "UNETR initialised from MeDUET: {} tensors copied, position embedding {}",
@@ -696,216 +804,15 @@ pub fn train(
         );
         transfer = Some(t);
     }
-    if let Some(d) = &vae_dir {
-        if config.vae_decoder.is_some() {
-            let n = load_vae_decoder(&mut vs, d)?;
-            tracing::info!("VAE decoder head: {n} tensors copied from the VAE (its last convolution starts fresh for {k} classes)");
-        }
+    if let (Some(d), Some(_)) = (vae_dir, &config.vae_decoder) {
+        let n = load_vae_decoder(vs, d)?;
+        tracing::info!("VAE decoder head: {n} tensors copied from the VAE (its last convolution starts fresh for {k} classes)");
     }
-    let mut augmenter = StyleAugmenter::for_training(
-        &p.style_augment,
-        &p.split.label_fraction,
-        AugmentedTask::Segmentation,
-        meduet_dir.as_deref(),
-        p.unetr.crop,
-        train_cases[0].latent.as_ref().map_or(0, |l| l.1[0] as i64),
-        dev,
-    )?;
-    let n_params: i64 = vs
-        .trainable_variables()
-        .iter()
-        .map(|t| t.numel() as i64)
-        .sum();
-    config.trainable_parameters = n_params;
-    let mut opt = match o.optimizer {
-        Optimizer::Adamw => Opt::AdamW(AdamW::new(
-            &vs,
-            AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: o.weight_decay,
-            },
-        )),
-        Optimizer::Sgd => Opt::Sgd(Sgd::new(
-            &vs,
-            SgdConfig {
-                momentum: p.momentum,
-                nesterov: true,
-                weight_decay: o.weight_decay,
-            },
-        )),
-    };
-    let crop = roi.map(|v| v as usize);
-    let sampler = SegSampler::new(sources, crop, o.fg_fraction, p.augment, p.seed)
-        .map_err(StageError::input)?;
-    let sw = SlidingWindow {
-        roi,
-        overlap: 0.5,
-        batch: 4,
-        scale,
-        sigma_scale: 0.125,
-    };
-    tracing::info!(
-        "{:?}: {} classes (labels {:?}), {:.2} M trainable parameters, crops {:?} (x{scale} to the label grid), {} steps of batch {} with {:?} lr {} ({:?}) on {dev:?}",
-        p.network,
-        k - 1,
-        labels,
-        n_params as f64 / 1e6,
-        crop,
-        p.steps,
-        p.batch_size,
-        o.optimizer,
-        o.lr,
-        o.schedule
-    );
+    Ok(transfer)
+}
 
-    let scratch = ctx.scratch_dir()?;
-    let cps = Checkpoints::new(&scratch);
-    let mut scaler = GradScaler::new(dev.is_cuda() && p.amp == Amp::Fp16);
-    let mut start = 0;
-    if let Some((step, dir)) = cps.latest() {
-        Checkpoints::load_into(&dir, WEIGHTS, &mut vs).map_err(fail)?;
-        opt.load(&dir.join("optimizer.safetensors")).map_err(fail)?;
-        let st = Checkpoints::state(&dir).map_err(fail)?;
-        scaler = serde_json::from_value(st["scaler"].clone()).map_err(fail)?;
-        if let Some(a) = augmenter.as_mut() {
-            a.load_state(&dir)?;
-        }
-        start = step;
-        tracing::info!("resuming from the checkpoint at step {step}");
-    }
-    let log_path = scratch.join("losses.jsonl");
-    let val_path = scratch.join("val_dice.jsonl");
-    let mut log = JsonlLog::open(&log_path, start).map_err(|e| StageError::io(&log_path, e))?;
-    let mut vlog = JsonlLog::open(&val_path, start).map_err(|e| StageError::io(&val_path, e))?;
-    let ds_weights = match &net {
-        Net::Unet(u) => deep_supervision_weights(u.config().deep_supervision + 1),
-        _ => vec![1.0],
-    };
-    let bar = ctx.progress(p.steps, "steps");
-    bar.set_position(start);
-    let t0 = Instant::now();
-    for step in start..p.steps {
-        ctx.check_cancelled()?;
-        let b = sampler.batch(step, p.batch_size);
-        let s = b.input_shape.map(|v| v as i64);
-        let x = Tensor::from_slice(&b.input).view(s).to_device(dev);
-        let ls = b.label_shape.map(|v| v as i64);
-        let y = Tensor::from_slice(&b.label)
-            .view(ls)
-            .to_kind(Kind::Int64)
-            .to_device(dev);
-        tch::manual_seed(super::common::step_seed(p.seed, step) as i64);
-        let outs = tch::autocast(scaler.enabled, || net.outputs(&x)).map_err(fail)?;
-        let mut total = Tensor::zeros([], (Kind::Float, dev));
-        let (mut dice_v, mut ce_v) = (0.0, 0.0);
-        for (i, out) in outs.iter().enumerate() {
-            let os = out.size();
-            let yi = downsample_labels(&y, [os[2], os[3], os[4]]);
-            let l = dice_ce(out, &yi);
-            if i == 0 {
-                dice_v = l.dice.double_value(&[]);
-                ce_v = l.ce.double_value(&[]);
-            }
-            total = total + l.total * ds_weights[i];
-        }
-        let mut aug_rec = serde_json::Map::new();
-        if let (Some(a), Some(lat)) = (augmenter.as_mut(), &latents) {
-            a.refresh(step, &splits, p.seed, lat)?;
-            if let Some(alpha) = a.settings.draw(p.seed, step) {
-                let xa = a.augment(&x, alpha)?;
-                let outs_a = tch::autocast(scaler.enabled, || net.outputs(&xa)).map_err(fail)?;
-                let mut aug_total = Tensor::zeros([], (Kind::Float, dev));
-                for (i, out) in outs_a.iter().enumerate() {
-                    let os = out.size();
-                    let yi = downsample_labels(&y, [os[2], os[3], os[4]]);
-                    aug_total = aug_total + dice_ce(out, &yi).total * ds_weights[i];
-                }
-                aug_rec.insert("style_alpha".into(), alpha.into());
-                aug_rec.insert("aug_loss".into(), aug_total.double_value(&[]).into());
-                total = total + aug_total * a.settings.weight;
-                if a.settings.kl_weight > 0.0 {
-                    let kl = kl_consistency(&outs[0], &outs_a[0]);
-                    aug_rec.insert("kl".into(), kl.double_value(&[]).into());
-                    total = total + kl * a.settings.kl_weight;
-                }
-            }
-        }
-        let loss = total.double_value(&[]);
-        if !loss.is_finite() {
-            return Err(fail(format!(
-                "the loss is not finite at step {step}; nothing is committed (lower lr)"
-            )));
-        }
-        opt.zero_grad();
-        scaler.backward(&total);
-        let lr = lr_at(&o, p.warmup_steps, p.steps, step);
-        let (grad_norm, stepped) = opt.scaled_step(&mut scaler, lr, p.grad_clip);
-        let mut rec = serde_json::json!({"step": step, "lr": lr, "loss": loss, "dice_loss": dice_v, "ce": ce_v, "grad_norm": grad_norm, "stepped": stepped});
-        rec.as_object_mut().expect("object").extend(aug_rec);
-        log.write(&rec).map_err(|e| StageError::io(&log_path, e))?;
-        bar.inc(1);
-        let done = step + 1;
-        if p.val_every > 0 && !val_cases.is_empty() && (done % p.val_every == 0 || done == p.steps)
-        {
-            let m: Vec<Vec<ClassMetrics>> = val_cases
-                .iter()
-                .map(|c| {
-                    let (pred, _) = segment_case(&net, c, &sw, dev)?;
-                    Ok(per_class(
-                        &pred,
-                        &c.classes,
-                        c.image.shape,
-                        c.image.spacing(),
-                        (k - 1) as u8,
-                    ))
-                })
-                .collect::<Result<_, StageError>>()?;
-            let d = mean_dice(&m);
-            tracing::info!(
-                "step {done}: loss {loss:.4}, validation Dice {}",
-                d.map_or("undefined".into(), |d| format!("{d:.4}"))
-            );
-            vlog.write(&serde_json::json!({"step": step, "val_dice": d}))
-                .map_err(|e| StageError::io(&val_path, e))?;
-        }
-        if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.steps {
-            let write_opt = |path: &Path| opt.save(path);
-            let write_proto = |path: &Path| match &augmenter {
-                Some(a) => a.save(path),
-                None => Ok(()),
-            };
-            cps.save(
-                done,
-                &[(WEIGHTS, &vs)],
-                &[
-                    ("optimizer.safetensors", &write_opt),
-                    (PROTOTYPE_FILE, &write_proto),
-                ],
-                serde_json::json!({ "scaler": scaler }),
-            )
-            .map_err(fail)?;
-        }
-    }
-    bar.finish_and_clear();
-    let out = ctx.output_dir("model")?;
-    vs.save(out.join(WEIGHTS)).map_err(fail)?;
-    std::fs::copy(&log_path, out.join("losses.jsonl")).map_err(|e| StageError::io(&log_path, e))?;
-    std::fs::copy(&val_path, out.join("val_dice.jsonl"))
-        .map_err(|e| StageError::io(&val_path, e))?;
-    write_json(&out.join("splits.json"), &splits)?;
-    let mut cj = serde_json::to_value(&config).expect("json");
-    cj["meduet_transfer"] = serde_json::to_value(&transfer).expect("json");
-    write_json(&out.join("config.json"), &cj)?;
-    plot_jsonl(
-        &out.join("losses.jsonl"),
-        &out.join("losses.png"),
-        "segmentation training loss (DiceCE)",
-        &["loss", "dice_loss", "ce"],
-        true,
-    )
-    .map_err(fail)?;
+/// Plots `val_dice.jsonl` of the output folder to `val_dice.png`; returns its points.
+fn plot_validation(out: &Path) -> Result<Vec<(f64, f64)>, StageError> {
     let vpts: Vec<(f64, f64)> = std::fs::read_to_string(out.join("val_dice.jsonl"))
         .unwrap_or_default()
         .lines()
@@ -924,18 +831,153 @@ pub fn train(
         false,
     )
     .map_err(fail)?;
-    let losses = crate::train::log::read_column(&out.join("losses.jsonl"), "loss");
-    if let (Some(a), Some(b)) = (losses.first(), losses.last()) {
-        ctx.set_metric("loss_first", a.1);
-        ctx.set_metric("loss_last", b.1);
+    Ok(vpts)
+}
+
+/// One segmentation training run as the shared loop sees it.
+struct SegmentTask<'a> {
+    p: &'a SegmentTrainParams,
+    dev: Device,
+    vs: VarStore,
+    net: Net,
+    learner: Learner,
+    sampler: SegSampler,
+    /// Deep-supervision weights, one per output resolution.
+    ds_weights: Vec<f64>,
+    augmenter: Option<StyleAugmenter>,
+    splits: &'a Splits,
+    latents: Option<&'a BTreeMap<String, Item>>,
+    val_cases: Vec<Case>,
+    window: SlidingWindow,
+    /// Foreground classes.
+    classes: u8,
+    val_log: Option<JsonlLog>,
+    val_path: std::path::PathBuf,
+    last_loss: f64,
+}
+
+impl SegmentTask<'_> {
+    /// DiceCE summed over the output resolutions (deep supervision); the full-resolution
+    /// Dice and cross-entropy terms.
+    fn dice_ce_loss(&self, outs: &[Tensor], y: &Tensor) -> (Tensor, f64, f64) {
+        let mut total = Tensor::zeros([], (Kind::Float, self.dev));
+        let (mut dice_v, mut ce_v) = (0.0, 0.0);
+        for (i, out) in outs.iter().enumerate() {
+            let os = out.size();
+            let yi = downsample_labels(y, [os[2], os[3], os[4]]);
+            let l = dice_ce(out, &yi);
+            if i == 0 {
+                dice_v = l.dice.double_value(&[]);
+                ce_v = l.ce.double_value(&[]);
+            }
+            total = total + l.total * self.ds_weights[i];
+        }
+        (total, dice_v, ce_v)
     }
-    if let Some(v) = vpts.last() {
-        ctx.set_metric("val_dice_last", v.1);
+}
+
+impl TrainingTask for SegmentTask<'_> {
+    fn stores(&mut self) -> Vec<(&'static str, &mut VarStore)> {
+        vec![(WEIGHTS, &mut self.vs)]
     }
-    ctx.set_metric("train_subjects", splits.train.len());
-    ctx.set_metric("trainable_parameters", n_params);
-    ctx.set_metric("train_seconds", t0.elapsed().as_secs_f64());
-    Ok(())
+    fn learners(&mut self) -> Vec<(&'static str, &mut Learner)> {
+        vec![("optimizer", &mut self.learner)]
+    }
+    fn save_extra(&self, dir: &Path) -> Result<serde_json::Value, String> {
+        if let Some(a) = &self.augmenter {
+            a.save(&dir.join(PROTOTYPE_FILE))?;
+        }
+        Ok(serde_json::Value::Null)
+    }
+    fn load_extra(&mut self, dir: &Path, _state: &serde_json::Value) -> Result<(), StageError> {
+        match self.augmenter.as_mut() {
+            Some(a) => a.load_state(dir),
+            None => Ok(()),
+        }
+    }
+    fn start(&mut self, first_step: u64) -> Result<(), StageError> {
+        self.val_log = Some(
+            JsonlLog::open(&self.val_path, first_step)
+                .map_err(|e| StageError::io(&self.val_path, e))?,
+        );
+        Ok(())
+    }
+    fn step(&mut self, s: &Step) -> Result<StepOutput, StageError> {
+        let (p, dev) = (self.p, self.dev);
+        let b = self.sampler.batch(s.step, p.batch_size);
+        let x = batch_tensor(&b.input, &b.input_shape).to_device(dev);
+        let ls: Vec<i64> = b.label_shape.iter().map(|&v| v as i64).collect();
+        let y = Tensor::from_slice(&b.label)
+            .view(ls.as_slice())
+            .to_kind(Kind::Int64)
+            .to_device(dev);
+        let amp = self.learner.autocast();
+        let outs = tch::autocast(amp, || self.net.outputs(&x)).map_err(fail)?;
+        let (mut total, dice_v, ce_v) = self.dice_ce_loss(&outs, &y);
+        let mut record = serde_json::Map::new();
+        if let (Some(a), Some(lat)) = (self.augmenter.as_mut(), self.latents) {
+            a.refresh(s.step, self.splits, p.seed, lat)?;
+        }
+        let draw = self
+            .augmenter
+            .as_ref()
+            .and_then(|a| a.settings.draw(p.seed, s.step).map(|alpha| (a, alpha)));
+        if let (Some((a, alpha)), Some(_)) = (draw, self.latents) {
+            let xa = a.augment(&x, alpha)?;
+            let outs_a = tch::autocast(amp, || self.net.outputs(&xa)).map_err(fail)?;
+            let (aug_total, _, _) = self.dice_ce_loss(&outs_a, &y);
+            record.insert("style_alpha".into(), alpha.into());
+            record.insert("aug_loss".into(), aug_total.double_value(&[]).into());
+            total = total + aug_total * a.settings.weight;
+            if a.settings.kl_weight > 0.0 {
+                let kl = kl_consistency(&outs[0], &outs_a[0]);
+                record.insert("kl".into(), kl.double_value(&[]).into());
+                total = total + kl * a.settings.kl_weight;
+            }
+        }
+        let (grad_norm, stepped) = self.learner.minimize(&total, s)?;
+        self.last_loss = total.double_value(&[]);
+        record.insert("loss".into(), self.last_loss.into());
+        record.insert("dice_loss".into(), dice_v.into());
+        record.insert("ce".into(), ce_v.into());
+        record.insert("grad_norm".into(), grad_norm.into());
+        record.insert("stepped".into(), stepped.into());
+        Ok(StepOutput { record, stepped })
+    }
+    fn after_step(&mut self, done: u64) -> Result<(), StageError> {
+        let p = self.p;
+        if p.val_every == 0
+            || self.val_cases.is_empty()
+            || !(done % p.val_every == 0 || done == p.steps)
+        {
+            return Ok(());
+        }
+        let m: Vec<Vec<ClassMetrics>> = self
+            .val_cases
+            .iter()
+            .map(|c| {
+                let (pred, _) = segment_case(&self.net, c, &self.window, self.dev)?;
+                Ok(per_class(
+                    &pred,
+                    &c.classes,
+                    c.image.shape,
+                    c.image.spacing(),
+                    self.classes,
+                ))
+            })
+            .collect::<Result<_, StageError>>()?;
+        let d = mean_dice(&m);
+        tracing::info!(
+            "step {done}: loss {:.4}, validation Dice {}",
+            self.last_loss,
+            d.map_or("undefined".into(), |d| format!("{d:.4}"))
+        );
+        self.val_log
+            .as_mut()
+            .expect("started")
+            .write(&serde_json::json!({"step": done - 1, "val_dice": d}))
+            .map_err(|e| StageError::io(&self.val_path, e))
+    }
 }
 
 /// Loads a segmenter artifact onto `dev`.

@@ -23,19 +23,18 @@ use meduet_stages::kinds::resample::IMAGE_ZARR;
 use meduet_stages::kinds::vae::*;
 use meduet_stages::plot::{montage, GrayImage};
 use meduet_stages::sampling::{CropSampler, Prefetcher};
-use meduet_stages::schedule::CosineLrScheduler;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
-use super::common::{device, fail, read_json, step_seed, volume_sources, write_json};
+use super::common::{
+    batch_tensor, device, fail, read_json, step_seed, trainable_parameters, volume_sources,
+    write_json,
+};
 use crate::models::discriminator::PatchDiscriminator;
 use crate::quality::{psnr, ssim_3d};
-use crate::train::amp::GradScaler;
-use crate::train::checkpoint::Checkpoints;
-use crate::train::log::{plot_jsonl, JsonlLog};
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::trainer::{self, Learner, Step, StepOutput, TrainingTask};
 
 /// Loads the VAE of a `vae` artifact folder onto `dev`.
 pub fn load_vae(
@@ -93,6 +92,7 @@ fn slices(t: &Tensor, title: &str) -> Vec<GrayImage> {
 
 pub fn train(_: &VaeTrain, p: &VaeTrainParams, ctx: &mut StageContext) -> Result<(), StageError> {
     let dev = device(ctx);
+    let training = p.training().map_err(StageError::input)?;
     let cfg = vae_config(p.preset, &p.model).map_err(StageError::input)?;
     let mut items = ctx.input("volumes")?.items.clone();
     if items.len() < p.heldout + 1 {
@@ -116,80 +116,125 @@ pub fn train(_: &VaeTrain, p: &VaeTrainParams, ctx: &mut StageContext) -> Result
         .map_err(StageError::input)?,
     );
     tch::manual_seed(p.seed as i64);
-    let mut vs = VarStore::new(dev);
+    let vs = VarStore::new(dev);
     let vae = AutoencoderKlMaisi::new(vs.root(), &cfg).map_err(fail)?;
-    let adv = p.adversarial_weight > 0.0;
-    let mut dvs = VarStore::new(dev);
+    let dvs = VarStore::new(dev);
     let disc = PatchDiscriminator::new(&dvs.root(), cfg.out_channels, 32, 3);
-    let ocfg = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: p.weight_decay,
-    };
-    let mut opt = AdamW::new(&vs, ocfg);
-    let mut dopt = AdamW::new(&dvs, ocfg);
-    let sched = CosineLrScheduler {
-        base_lr: p.lr,
-        warmup_t: p.warmup_steps,
-        warmup_lr_init: 1e-6f64.min(p.lr),
-        t_initial: p.steps,
-        lr_min: p.min_lr,
-        warmup_prefix: false,
-    };
-    let amp = dev.is_cuda() && p.amp == Amp::Fp16;
-    let mut scaler = GradScaler::new(amp);
-    let mut dscaler = GradScaler::new(amp);
-    let n_params: i64 = vs
-        .trainable_variables()
-        .iter()
-        .map(|t| t.numel() as i64)
-        .sum();
+    let n_params = trainable_parameters(&vs);
     tracing::info!("VAE {:?} ({:.2} M parameters), {} training and {} held-out volumes, {} steps of {} crops {:?} on {dev:?}", cfg.num_channels, n_params as f64 / 1e6, items.len(), heldout.len(), p.steps, p.batch_size, p.crop);
-
-    let scratch = ctx.scratch_dir()?;
-    let cps = Checkpoints::new(&scratch);
-    let mut start = 0;
-    if let Some((step, dir)) = cps.latest() {
-        Checkpoints::load_into(&dir, VAE_WEIGHTS, &mut vs).map_err(fail)?;
-        Checkpoints::load_into(&dir, "discriminator.safetensors", &mut dvs).map_err(fail)?;
-        opt.load(&dir.join("optimizer.safetensors")).map_err(fail)?;
-        dopt.load(&dir.join("disc_optimizer.safetensors"))
-            .map_err(fail)?;
-        let st = Checkpoints::state(&dir).map_err(fail)?;
-        scaler = serde_json::from_value(st["scaler"].clone()).map_err(fail)?;
-        dscaler = serde_json::from_value(st["disc_scaler"].clone()).map_err(fail)?;
-        start = step;
-        tracing::info!("resuming from the checkpoint at step {step}");
+    let mut task = VaeTask {
+        p,
+        dev,
+        learner: Learner::new(&vs, &training),
+        disc_learner: Learner::new(&dvs, &training),
+        vs,
+        dvs,
+        vae,
+        disc,
+        sampler,
+        prefetch: None,
+    };
+    let trained = trainer::run(ctx, &training, &mut task)?;
+    let (vs, vae) = (task.vs, task.vae);
+    let HeldoutEval {
+        psnr: ps,
+        ssim: ss,
+        psnr_constant: pcs,
+        per_subject,
+        rows,
+    } = evaluate_heldout(&vae, &cfg, &heldout, dev)?;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let out = ctx.output_dir("vae")?;
+    vs.save(out.join(VAE_WEIGHTS)).map_err(fail)?;
+    write_json(&out.join(VAE_CONFIG), &cfg)?;
+    trainer::finish(
+        &trained,
+        &out,
+        "VAE training losses",
+        &["total", "l1", "g_adv", "d_loss"],
+    )?;
+    write_json(
+        &out.join("eval.json"),
+        &serde_json::json!({ "heldout": per_subject, "psnr": mean(&ps), "ssim": mean(&ss), "psnr_constant": mean(&pcs), "data_range": 1.0, "ssim_kernel": 7 }),
+    )?;
+    if !rows.is_empty() {
+        montage(
+            &out.join("recon.png"),
+            "held-out volumes and reconstructions (axial, coronal, sagittal)",
+            &rows,
+            160,
+        )
+        .map_err(fail)?;
     }
-    let log_path = scratch.join("losses.jsonl");
-    let mut log = JsonlLog::open(&log_path, start).map_err(|e| StageError::io(&log_path, e))?;
-    let prefetch = Prefetcher::new(sampler, start, p.steps, p.batch_size, 1, 2);
-    let bar = ctx.progress(p.steps, "steps");
-    bar.set_position(start);
-    for step in start..p.steps {
-        ctx.check_cancelled()?;
-        let (_, b) = prefetch
-            .next_batch()
+    ctx.set_metric("heldout_psnr", mean(&ps));
+    ctx.set_metric("heldout_ssim", mean(&ss));
+    ctx.set_metric("heldout_psnr_constant", mean(&pcs));
+    ctx.set_metric("parameters", n_params);
+    let l1 = crate::train::log::read_column(&out.join("losses.jsonl"), "l1");
+    if let (Some(a), Some(b)) = (l1.first(), l1.last()) {
+        ctx.set_metric("l1_first", a.1);
+        ctx.set_metric("l1_last", b.1);
+    }
+    tracing::info!("held-out PSNR {:.2} dB, SSIM {:.4}", mean(&ps), mean(&ss));
+    Ok(())
+}
+
+/// One VAE training run as the shared loop sees it.
+struct VaeTask<'a> {
+    p: &'a VaeTrainParams,
+    dev: tch::Device,
+    vs: VarStore,
+    dvs: VarStore,
+    vae: AutoencoderKlMaisi,
+    disc: PatchDiscriminator,
+    learner: Learner,
+    disc_learner: Learner,
+    sampler: Arc<CropSampler>,
+    prefetch: Option<Prefetcher>,
+}
+
+impl TrainingTask for VaeTask<'_> {
+    fn stores(&mut self) -> Vec<(&'static str, &mut VarStore)> {
+        vec![
+            (VAE_WEIGHTS, &mut self.vs),
+            ("discriminator.safetensors", &mut self.dvs),
+        ]
+    }
+    fn learners(&mut self) -> Vec<(&'static str, &mut Learner)> {
+        vec![
+            ("optimizer", &mut self.learner),
+            ("disc_optimizer", &mut self.disc_learner),
+        ]
+    }
+    fn start(&mut self, first_step: u64) -> Result<(), StageError> {
+        self.prefetch = Some(Prefetcher::new(
+            self.sampler.clone(),
+            first_step,
+            self.p.steps,
+            self.p.batch_size,
+            1,
+            2,
+        ));
+        Ok(())
+    }
+    fn step(&mut self, s: &Step) -> Result<StepOutput, StageError> {
+        let (p, dev) = (self.p, self.dev);
+        let (_, b) = self
+            .prefetch
+            .as_ref()
+            .and_then(|p| p.next_batch())
             .ok_or_else(|| fail("the batch prefetcher stopped early"))?;
-        let x = Tensor::from_slice(&b.data)
-            .view([
-                b.shape[0] as i64,
-                b.shape[1] as i64,
-                b.shape[2] as i64,
-                b.shape[3] as i64,
-                b.shape[4] as i64,
-            ])
-            .to_device(dev);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(step_seed(p.seed, step));
-        let use_adv = adv && step >= p.adversarial_start;
+        let x = batch_tensor(&b.data, &b.shape).to_device(dev);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed);
+        let use_adv = p.adversarial_weight > 0.0 && s.step >= p.adversarial_start;
+        let amp = self.learner.autocast();
         let (recon, l1, kl, g_adv) = tch::autocast(amp, || -> Result<_, StageError> {
-            let (recon, mu, sigma) = vae.forward_sampled(&x, &mut rng).map_err(fail)?;
+            let (recon, mu, sigma) = self.vae.forward_sampled(&x, &mut rng).map_err(fail)?;
             let recon = recon.to_kind(Kind::Float);
             let l1 = (&recon - &x).abs().mean(Kind::Float);
             let kl = kl_loss(&mu.to_kind(Kind::Float), &sigma.to_kind(Kind::Float));
             let g_adv = if use_adv {
-                (disc.forward(&recon).to_kind(Kind::Float) - 1.0)
+                (self.disc.forward(&recon).to_kind(Kind::Float) - 1.0)
                     .pow_tensor_scalar(2)
                     .mean(Kind::Float)
             } else {
@@ -198,24 +243,15 @@ pub fn train(_: &VaeTrain, p: &VaeTrainParams, ctx: &mut StageContext) -> Result
             Ok((recon, l1, kl, g_adv))
         })?;
         let total = &l1 + &kl * p.kl_weight + &g_adv * p.adversarial_weight;
-        let tv = total.double_value(&[]);
-        if !tv.is_finite() {
-            return Err(fail(format!(
-                "the VAE loss is not finite at step {step}; nothing is committed (lower lr)"
-            )));
-        }
-        opt.zero_grad();
-        scaler.backward(&total);
-        let lr = sched.lr(step);
-        let (grad_norm, _) = scaler.step(&mut opt, lr, p.grad_clip);
+        let (grad_norm, stepped) = self.learner.minimize(&total, s)?;
         let mut d_loss = 0.0;
         if use_adv {
-            dopt.zero_grad();
             let dl = tch::autocast(amp, || {
-                let real = (disc.forward(&x).to_kind(Kind::Float) - 1.0)
+                let real = (self.disc.forward(&x).to_kind(Kind::Float) - 1.0)
                     .pow_tensor_scalar(2)
                     .mean(Kind::Float);
-                let fake = disc
+                let fake = self
+                    .disc
                     .forward(&recon.detach())
                     .to_kind(Kind::Float)
                     .pow_tensor_scalar(2)
@@ -223,35 +259,38 @@ pub fn train(_: &VaeTrain, p: &VaeTrainParams, ctx: &mut StageContext) -> Result
                 (real + fake) * 0.5
             });
             d_loss = dl.double_value(&[]);
-            dscaler.backward(&dl);
-            dscaler.step(&mut dopt, lr, p.grad_clip);
+            self.disc_learner.minimize(&dl, s)?;
         }
-        log.write(&serde_json::json!({ "step": step, "lr": lr, "total": tv, "l1": l1.double_value(&[]), "kl": kl.double_value(&[]), "g_adv": g_adv.double_value(&[]), "d_loss": d_loss, "grad_norm": grad_norm }))
-            .map_err(|e| StageError::io(&log_path, e))?;
-        bar.inc(1);
-        let done = step + 1;
-        if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < p.steps {
-            let w1 = |path: &Path| opt.save(path).map_err(|e| e.to_string());
-            let w2 = |path: &Path| dopt.save(path).map_err(|e| e.to_string());
-            cps.save(
-                done,
-                &[(VAE_WEIGHTS, &vs), ("discriminator.safetensors", &dvs)],
-                &[
-                    ("optimizer.safetensors", &w1),
-                    ("disc_optimizer.safetensors", &w2),
-                ],
-                serde_json::json!({ "scaler": scaler, "disc_scaler": dscaler }),
-            )
-            .map_err(fail)?;
-        }
+        let rec = serde_json::json!({ "total": total.double_value(&[]), "l1": l1.double_value(&[]), "kl": kl.double_value(&[]), "g_adv": g_adv.double_value(&[]), "d_loss": d_loss, "grad_norm": grad_norm });
+        Ok(StepOutput {
+            record: rec.as_object().expect("object").clone(),
+            stepped,
+        })
     }
-    bar.finish_and_clear();
+}
+
+/// Held-out evaluation on whole volumes: PSNR and SSIM of the decoded posterior mean,
+/// beside the PSNR of the constant (mean) image, and a montage of central slices.
+struct HeldoutEval {
+    psnr: Vec<f64>,
+    ssim: Vec<f64>,
+    psnr_constant: Vec<f64>,
+    per_subject: Vec<serde_json::Value>,
+    rows: Vec<Vec<GrayImage>>,
+}
+
+fn evaluate_heldout(
+    vae: &AutoencoderKlMaisi,
+    cfg: &VaeConfig,
+    heldout: &[meduet_engine::Item],
+    dev: tch::Device,
+) -> Result<HeldoutEval, StageError> {
     // Held-out evaluation on whole volumes.
     let _ng = tch::no_grad_guard();
     let (mut ps, mut ss, mut pcs) = (Vec::new(), Vec::new(), Vec::new());
     let mut rows = Vec::new();
     let mut per_subject = Vec::new();
-    for it in &heldout {
+    for it in heldout {
         let (v, _) = read_zarr::<f32>(&it.dir.join(IMAGE_ZARR)).map_err(StageError::input)?;
         let f = cfg.downsample_factor();
         let x = volume_tensor(&v);
@@ -260,14 +299,14 @@ pub fn train(_: &VaeTrain, p: &VaeTrainParams, ctx: &mut StageContext) -> Result
             overlap: 32,
             norm: TileNorm::Global,
         };
-        let mu = encode_tiled_latent(&vae, &x, &tiles, EncodeMode::Mean).map_err(fail)?;
+        let mu = encode_tiled_latent(vae, &x, &tiles, EncodeMode::Mean).map_err(fail)?;
         let recon = if v.shape.iter().product::<usize>() <= 160 * 160 * 160 {
             vae.decode(&mu.to_device(dev))
                 .map_err(fail)?
                 .to_device(tch::Device::Cpu)
         } else {
             decode_tiled(
-                &vae,
+                vae,
                 &mu,
                 &TileConfig {
                     tile: [128, 128, 128],
@@ -305,43 +344,13 @@ pub fn train(_: &VaeTrain, p: &VaeTrainParams, ctx: &mut StageContext) -> Result
             );
         }
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let out = ctx.output_dir("vae")?;
-    vs.save(out.join(VAE_WEIGHTS)).map_err(fail)?;
-    write_json(&out.join(VAE_CONFIG), &cfg)?;
-    std::fs::copy(&log_path, out.join("losses.jsonl")).map_err(|e| StageError::io(&log_path, e))?;
-    plot_jsonl(
-        &out.join("losses.jsonl"),
-        &out.join("losses.png"),
-        "VAE training losses",
-        &["total", "l1", "g_adv", "d_loss"],
-        true,
-    )
-    .map_err(fail)?;
-    write_json(
-        &out.join("eval.json"),
-        &serde_json::json!({ "heldout": per_subject, "psnr": mean(&ps), "ssim": mean(&ss), "psnr_constant": mean(&pcs), "data_range": 1.0, "ssim_kernel": 7 }),
-    )?;
-    if !rows.is_empty() {
-        montage(
-            &out.join("recon.png"),
-            "held-out volumes and reconstructions (axial, coronal, sagittal)",
-            &rows,
-            160,
-        )
-        .map_err(fail)?;
-    }
-    ctx.set_metric("heldout_psnr", mean(&ps));
-    ctx.set_metric("heldout_ssim", mean(&ss));
-    ctx.set_metric("heldout_psnr_constant", mean(&pcs));
-    ctx.set_metric("parameters", n_params);
-    let l1 = crate::train::log::read_column(&out.join("losses.jsonl"), "l1");
-    if let (Some(a), Some(b)) = (l1.first(), l1.last()) {
-        ctx.set_metric("l1_first", a.1);
-        ctx.set_metric("l1_last", b.1);
-    }
-    tracing::info!("held-out PSNR {:.2} dB, SSIM {:.4}", mean(&ps), mean(&ss));
-    Ok(())
+    Ok(HeldoutEval {
+        psnr: ps,
+        ssim: ss,
+        psnr_constant: pcs,
+        per_subject,
+        rows,
+    })
 }
 
 pub fn import(

@@ -4,7 +4,7 @@
 
 use tch::Tensor;
 
-use crate::train::optim::AdamW;
+use crate::train::trainer::Optimizer;
 
 /// Loss scaling for fp16 training.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -37,7 +37,7 @@ impl GradScaler {
     /// Unscales the gradients, clips them to `max_norm` (when positive) and steps the
     /// optimiser unless they overflowed. Returns the gradient norm before clipping and
     /// whether the step was taken.
-    pub fn step(&mut self, opt: &mut AdamW, lr: f64, max_norm: f64) -> (f64, bool) {
+    pub fn step(&mut self, opt: &mut dyn Optimizer, lr: f64, max_norm: f64) -> (f64, bool) {
         if self.enabled {
             opt.scale_grads(1.0 / self.scale);
         }

@@ -48,27 +48,19 @@ impl Checkpoints {
         Some((state["step"].as_u64()?, p))
     }
 
-    /// Writes a checkpoint for `step`: every `(file name, var store)` as safetensors, the
-    /// extra files given, and `state` (which must not contain the key `step`, added here).
+    /// Writes a checkpoint for `step`: `write` writes its files (safetensors of the
+    /// networks and optimisers, ...) into the folder it is given and returns the JSON state
+    /// (an object without the key `step`, added here) kept as `state.json`.
     pub fn save(
         &self,
         step: u64,
-        stores: &[(&str, &VarStore)],
-        extra: &[(&str, &dyn Fn(&Path) -> Result<(), String>)],
-        mut state: serde_json::Value,
+        write: &mut dyn FnMut(&Path) -> Result<serde_json::Value, String>,
     ) -> Result<PathBuf, CheckpointError> {
         let final_dir = self.dir.join(format!("checkpoint-{step:08}"));
         let tmp = self.dir.join(format!(".checkpoint-{step:08}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| cerr(&tmp, e))?;
-        for (name, vs) in stores {
-            let p = tmp.join(name);
-            vs.save(&p).map_err(|e| cerr(&p, e))?;
-        }
-        for (name, write) in extra {
-            let p = tmp.join(name);
-            write(&p).map_err(|e| cerr(&p, e))?;
-        }
+        let mut state = write(&tmp).map_err(|e| cerr(&tmp, e))?;
         state["step"] = serde_json::json!(step);
         let sp = tmp.join("state.json");
         std::fs::write(&sp, serde_json::to_vec_pretty(&state).expect("json"))
@@ -138,21 +130,18 @@ mod tests {
         assert!(cps.latest().is_none());
         let vs = VarStore::new(tch::Device::Cpu);
         let w = vs.root().var_copy("w", &Tensor::from_slice(&[1.0f32, 2.0]));
-        cps.save(
-            10,
-            &[("model.safetensors", &vs)],
-            &[],
-            serde_json::json!({"loss": 0.5}),
-        )
-        .unwrap();
+        let vs_ref = &vs;
+        let save_with = |loss: f64| {
+            move |dir: &Path| {
+                vs_ref
+                    .save(dir.join("model.safetensors"))
+                    .map_err(|e| e.to_string())?;
+                Ok(serde_json::json!({ "loss": loss }))
+            }
+        };
+        cps.save(10, &mut save_with(0.5)).unwrap();
         tch::no_grad(|| w.shallow_clone().copy_(&Tensor::from_slice(&[5.0f32, 6.0])));
-        cps.save(
-            20,
-            &[("model.safetensors", &vs)],
-            &[],
-            serde_json::json!({"loss": 0.25}),
-        )
-        .unwrap();
+        cps.save(20, &mut save_with(0.25)).unwrap();
         let (step, dir) = cps.latest().unwrap();
         assert_eq!(step, 20);
         assert_eq!(Checkpoints::state(&dir).unwrap()["loss"], 0.25);

@@ -81,7 +81,9 @@ pub fn submit_detached(
             };
             match gather_inputs(pipeline, store, i, &objects)? {
                 Some(inputs) => {
-                    let mut p = prepare(def, store, inputs)?;
+                    let mut p = prepare(def, store, inputs, &|d| {
+                        super::cuda_visible_for(d, cfg, opts)
+                    })?;
                     p.locator = std::sync::Arc::new(locator_for(pipeline, i, &prepared, &objects));
                     p.locator_roots = locator_roots(pipeline, i, &prepared, &objects);
                     if forced {

@@ -327,7 +327,9 @@ impl<'a> Driver<'a> {
         if !self.prepared.contains_key(&i) {
             let inputs = gather_inputs(self.pipeline, self.store, i, &self.objects)?
                 .expect("upstream objects exist");
-            let mut p = match prepare(def, self.store, inputs) {
+            let cfg = &self.pipeline.executor_config.slurm;
+            let cuda = |d: &crate::pipeline::StageDef| super::cuda_visible_for(d, cfg, self.opts);
+            let mut p = match prepare(def, self.store, inputs, &cuda) {
                 Ok(p) => p,
                 Err(e) => {
                     self.fail(i, e.to_string());

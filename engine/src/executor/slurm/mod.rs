@@ -108,6 +108,27 @@ pub fn check_cache(store: &Store, cli: &SlurmCli) -> Result<(), EngineError> {
     }
 }
 
+/// Whether stage `def` gets a CUDA device where it runs (for the device class of its key):
+/// a stage kept local asks this machine (`opts`); a Slurm job has one when it asks for GPUs.
+pub(crate) fn cuda_visible_for(
+    def: &crate::pipeline::StageDef,
+    cfg: &SlurmConfig,
+    opts: &crate::scheduler::RunOptions,
+) -> bool {
+    if def.executor.run_on == Some(crate::executor::config::ExecutorKind::Local) {
+        !opts
+            .cuda_devices
+            .clone()
+            .or_else(|| opts.device_probe.as_ref().map(|p| (p.0)()))
+            .unwrap_or_default()
+            .is_empty()
+    } else {
+        cfg.for_stage(def.kind.kind(), def.resources.device, &def.executor.slurm)
+            .gpus
+            > 0
+    }
+}
+
 /// The resources written into a job's spec: a specific GPU index means nothing on a
 /// node (Slurm assigns the GPU), so `cuda:N` becomes `cuda`.
 pub(crate) fn job_resources(r: &Resources) -> Resources {
