@@ -184,14 +184,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
         std::process::id(),
         unique_suffix()
     ));
-    {
+    let written = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         if sync {
             f.sync_all()?;
         }
-    }
-    fs::rename(&tmp, path).inspect_err(|_| {
+        fs::rename(&tmp, path)
+    })();
+    // A failed write (a full disk) leaves no temporary file behind.
+    written.inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
     })?;
     if sync {

@@ -1,7 +1,9 @@
 //! `gc` and `verify`.
 //!
 //! Garbage collection roots are the keys of the last recorded run of each pipeline file
-//! (`roots/*.json`, written by the engine after every run) plus pinned keys (`pins/*`).
+//! (`roots/*.json`, written by the engine after every run), pinned keys (`pins/*`) and the
+//! keys of running processes (`live/*.json`, [`crate::live`]; gc holds `gc.lock` while it
+//! reads them and sweeps).
 //! Everything else in `objects/` is garbage, as are scratch folders of unrooted keys and
 //! temporary folders whose key nobody holds a lease on. `gc --dry-run` reports what would
 //! go, with bytes per stage, and removes nothing.
@@ -31,6 +33,8 @@ pub const REFS_FILE: &str = "refs.json";
 pub struct GcReport {
     pub dry_run: bool,
     pub roots: usize,
+    /// Running processes whose keys were kept.
+    pub live_roots: usize,
     pub kept_objects: usize,
     /// Stage name -> (objects, bytes) removed.
     pub removed_by_stage: BTreeMap<String, (usize, u64)>,
@@ -72,9 +76,9 @@ fn dir_bytes(p: &std::path::Path) -> u64 {
 }
 
 impl Store {
-    /// Every rooted key: last runs of pipelines plus pins.
+    /// Every rooted key: last runs of pipelines, pins and live roots of running processes.
     pub fn root_keys(&self) -> Result<BTreeSet<StageKey>> {
-        let mut keys = BTreeSet::new();
+        let mut keys = self.live_keys(true)?.0;
         let rdir = self.root().join("roots");
         for e in fs::read_dir(&rdir).at(&rdir)? {
             let p = e.at(&rdir)?.path();
@@ -116,10 +120,14 @@ impl Store {
 
     /// Removes (or with `dry_run`, lists) everything not reachable from a root.
     pub fn gc(&self, dry_run: bool) -> Result<GcReport> {
+        // Runs record the keys they use under the shared lock before they look objects up.
+        let _lock = self.gc_lock()?;
+        let live_roots = self.live_keys(dry_run)?.1;
         let roots = self.root_keys()?;
         let mut report = GcReport {
             dry_run,
             roots: roots.len(),
+            live_roots,
             ..Default::default()
         };
         for key in self.object_keys()? {
@@ -189,6 +197,34 @@ impl Store {
                 }
                 if !dry_run {
                     fs::remove_dir_all(&p).at(&p)?;
+                }
+            }
+        }
+        // Under `runs/`: the record reserves of dead executions (no lease on their key) and
+        // temporary files of records whose writer was killed (a record is written in
+        // milliseconds: one older than a minute is left over).
+        let runs = self.root().join("runs");
+        if let Ok(rd) = fs::read_dir(&runs) {
+            for e in rd.flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                let dead_reserve = name
+                    .strip_prefix(crate::records::RESERVE_PREFIX)
+                    .and_then(|r| StageKey::parse_hex(r.get(..64)?).ok())
+                    .is_some_and(|k| self.lease_info(&k).is_none());
+                let old_tmp = name.starts_with('.')
+                    && name.ends_with(".tmp")
+                    && e.metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|m| std::time::SystemTime::now().duration_since(m).ok())
+                        .is_some_and(|a| a > std::time::Duration::from_secs(60));
+                if dead_reserve || old_tmp {
+                    report.bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+                    report.removed_tmp.push(p.clone());
+                    if !dry_run {
+                        let _ = fs::remove_file(&p);
+                    }
                 }
             }
         }

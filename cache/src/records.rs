@@ -5,6 +5,10 @@
 //! which code (crate version, git commit, torch version), where (host, device, threads),
 //! how long, how much memory, and the stage's metrics. Records are written to
 //! `runs/` for every execution and copied into the object as `record.json` on success.
+//!
+//! A record must survive the failure it records, a full disk included: an execution
+//! reserves [`RESERVE_BYTES`] under `runs/` when it starts ([`Store::reserve_run_record`]),
+//! and a record that cannot be written frees the reserve and is written again.
 
 use std::collections::BTreeMap;
 
@@ -67,7 +71,75 @@ pub struct RunRecord {
     pub metrics: serde_json::Value,
 }
 
+/// Space reserved for an execution's run record (a record is a few KiB).
+pub const RESERVE_BYTES: usize = 64 * 1024;
+
+/// Space held for one run record; dropping it frees the space.
+#[derive(Debug)]
+pub struct RecordReserve {
+    path: Option<std::path::PathBuf>,
+}
+
+impl RecordReserve {
+    /// Frees the space now (to write the record on a full disk).
+    fn release(&mut self) -> bool {
+        match self.path.take() {
+            Some(p) => std::fs::remove_file(p).is_ok(),
+            None => false,
+        }
+    }
+}
+
+impl Drop for RecordReserve {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// The name prefix of reserve files (`runs/.reserve-<key>-<unique>`); `gc` removes those
+/// whose key nobody holds a lease on (their execution died).
+pub const RESERVE_PREFIX: &str = ".reserve-";
+
 impl Store {
+    /// Reserves room for the run record of the execution of `key` starting now (under its
+    /// lease). When even that cannot be written (the disk is full already), the reserve is
+    /// empty.
+    pub fn reserve_run_record(&self, key: &StageKey) -> RecordReserve {
+        let dir = self.root().join("runs");
+        let path = dir.join(format!(
+            "{RESERVE_PREFIX}{}-{}",
+            key.to_hex(),
+            crate::hashing::unique_suffix()
+        ));
+        let ok = std::fs::create_dir_all(&dir)
+            .and_then(|_| std::fs::write(&path, vec![b' '; RESERVE_BYTES]))
+            .is_ok();
+        if !ok {
+            let _ = std::fs::remove_file(&path);
+        }
+        RecordReserve {
+            path: ok.then_some(path),
+        }
+    }
+
+    /// Writes a run record; when that fails (a full disk), frees `reserve` and writes it
+    /// again.
+    pub fn write_run_record_reserved(
+        &self,
+        record: &RunRecord,
+        reserve: &mut RecordReserve,
+    ) -> Result<std::path::PathBuf> {
+        match self.write_run_record(record) {
+            Err(e) if reserve.release() => {
+                tracing::warn!(
+                    "writing the run record failed ({e}); wrote it into the space reserved for it"
+                );
+                self.write_run_record(record)
+            }
+            r => r,
+        }
+    }
+
     /// Appends a run record under `runs/` and returns its path.
     pub fn write_run_record(&self, record: &RunRecord) -> Result<std::path::PathBuf> {
         let name = format!(

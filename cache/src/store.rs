@@ -9,8 +9,10 @@
 //!   leases/<key>.lease               one lease per key (see `lease`)
 //!   scratch/<key>/                   resumable checkpoints of long stages
 //!   runs/<time>-<stage>-<key>.json   a run record per execution (see `records`)
-//!   roots/<name>.json                gc roots: keys of the last run of each pipeline
+//!   roots/<name>.<identity>.json     gc roots: keys of the last run of each pipeline file
 //!   pins/<name>                      gc roots: pinned keys, one per line
+//!   live/<host>-<pid>-<n>.json       gc roots: keys a running process uses (see `live`)
+//!   gc.lock                          held by gc while it sweeps (see `live`)
 //!   memo/                            file-digest memo (see `hashing`)
 //!   quarantine/<key>.<time>.<n>/     objects that failed verification
 //! ```

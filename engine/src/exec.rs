@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use meduet_cache::{
-    Acquired, ContentDigest, LeaseOptions, Object, Provenance, RunRecord, RunStatus, StageKey,
-    Store, Versions,
+    Acquired, ContentDigest, LeaseOptions, LiveRoot, Object, Provenance, RunRecord, RunStatus,
+    StageKey, Store, Versions,
 };
 use rayon::prelude::*;
 
@@ -43,6 +43,9 @@ pub struct ExecEnv {
     pub versions: Versions,
     pub lease: LeaseOptions,
     pub thread_hook: Option<ThreadHook>,
+    /// This process's live root: keys are recorded in it before their objects are looked
+    /// up, so `gc` keeps what a running pipeline uses ([`meduet_cache::live`]).
+    pub live: Option<Arc<LiveRoot>>,
 }
 
 impl ExecEnv {
@@ -54,7 +57,26 @@ impl ExecEnv {
             versions: Versions::default(),
             lease: LeaseOptions::default(),
             thread_hook: None,
+            live: None,
         }
+    }
+
+    /// With a live root of its own (unless it has one): what a process that runs stages
+    /// holds for as long as it runs them.
+    pub fn with_live_root(&self, holder: &str) -> Result<Self, EngineError> {
+        let mut env = self.clone();
+        if env.live.is_none() {
+            env.live = Some(Arc::new(self.store.start_live_root(holder)?));
+        }
+        Ok(env)
+    }
+
+    /// Records `keys` in the live root (if any) before their objects are looked up.
+    pub fn protect(&self, keys: impl IntoIterator<Item = StageKey>) -> meduet_cache::Result<()> {
+        if let Some(l) = &self.live {
+            l.protect(keys)?;
+        }
+        Ok(())
     }
 }
 
@@ -331,6 +353,8 @@ fn compute_object(
         };
     let started = now_unix();
     let t0 = Instant::now();
+    // Room for the run record, so that a failure on a full disk is still recorded.
+    let mut reserve = store.reserve_run_record(&key);
     let staging = store.stage(key)?;
     let log_path = staging.dir().join("log.txt");
     let sink = match &item {
@@ -378,7 +402,7 @@ fn compute_object(
                 .map(|(k, v)| (k.clone(), v.digest))
                 .collect();
             rec.wall_seconds = t0.elapsed().as_secs_f64();
-            store.write_run_record(&rec)?;
+            store.write_run_record_reserved(&rec, &mut reserve)?;
             Ok((obj, true))
         }
         Err(e) => {
@@ -399,7 +423,13 @@ fn compute_object(
                 BTreeMap::new(),
                 metrics,
             );
-            let _ = store.write_run_record(&rec);
+            // The partial output goes first: on a full disk it is what filled it.
+            drop(_g);
+            drop(ctx);
+            drop(staging);
+            if let Err(w) = store.write_run_record_reserved(&rec, &mut reserve) {
+                tracing::error!("the run record of {holder} could not be written: {w}");
+            }
             Err(e)
         }
     }
@@ -505,6 +535,7 @@ pub fn execute(
 ) -> Result<Executed, StageError> {
     let t0 = Instant::now();
     let store = &env.store;
+    env.protect([p.key])?;
     if force && store.contains(&p.key) {
         let q = store.quarantine(&p.key)?;
         let _ = std::fs::remove_dir_all(q);
@@ -713,6 +744,7 @@ fn compute_item(
     let store = &c.env.store;
     let p = c.p;
     let ikey = item_key(p, map_input, item);
+    c.env.protect([ikey])?;
     if force && store.contains(&ikey) {
         let q = store.quarantine(&ikey)?;
         let _ = std::fs::remove_dir_all(q);

@@ -13,7 +13,7 @@ use meduet_cache::Store;
 use crate::error::EngineError;
 use crate::exec::{execute, execute_item, mapped_items, ExecEnv, Executed};
 use crate::registry::Registry;
-use crate::resources::{Device, DeviceRequest};
+use crate::resources::Assignment;
 use crate::spec::ExecSpec;
 
 /// The cache of a spec: `--cache`, else the folder holding `specs/`.
@@ -80,23 +80,17 @@ pub fn exec_stage_item(
     if let Some(w) = kind.worker() {
         return Ok(ExecStage::Delegate(w));
     }
+    // A process that executes holds its own live root (its parent's, if any, is another
+    // process's): `gc` keeps the stage's object and item objects while it runs.
+    let env = &env.with_live_root(&format!("exec-stage {}", spec.stage))?;
+    env.protect([spec.key])?;
     let prepared = spec.to_prepared(&store, registry)?;
-    let device = match spec.resources.device {
-        DeviceRequest::Cpu => Device::Cpu,
-        DeviceRequest::Cuda(i) => Device::Cuda(i),
-        DeviceRequest::AnyCuda => {
-            let d = cuda_devices();
-            Device::Cuda(*d.first().ok_or_else(|| {
-                EngineError::Other(format!(
-                    "stage '{}' asks for a CUDA device but none is visible",
-                    spec.stage
-                ))
-            })?)
-        }
-        DeviceRequest::Auto => cuda_devices()
-            .first()
-            .map(|&d| Device::Cuda(d))
-            .unwrap_or(Device::Cpu),
+    let Assignment { device, threads } = match spec.assigned {
+        Some(a) => a,
+        None => spec
+            .resources
+            .assign_here(cuda_devices)
+            .map_err(|m| EngineError::Other(format!("stage '{}' {m}", spec.stage)))?,
     };
     if let Some(class) = prepared.fingerprint.device_class {
         if device.class() != class {
@@ -106,13 +100,6 @@ pub fn exec_stage_item(
             )));
         }
     }
-    let threads = if spec.resources.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    } else {
-        spec.resources.threads
-    };
     let result = match item_index {
         None => execute(env, &prepared, device, threads, spec.force),
         Some(n) => {

@@ -336,7 +336,7 @@ pub struct StageHistory {
     pub outputs: BTreeMap<String, ContentDigest>,
 }
 
-/// `roots/<pipeline>.json`: the last run of a pipeline (also the gc roots).
+/// `roots/<pipeline>.<identity>.json`: the last run of a pipeline file (also the gc roots).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct History {
     pub pipeline: String,
@@ -347,8 +347,30 @@ pub struct History {
 }
 
 impl History {
-    pub fn path_for(pipeline: &str) -> String {
-        format!("roots/{}.json", meduet_cache::store::sanitize(pipeline))
+    /// Where the history of pipeline `name` with identity `identity` lives.
+    pub fn path_for(name: &str, identity: &str) -> String {
+        format!(
+            "roots/{}.{identity}.json",
+            meduet_cache::store::sanitize(name)
+        )
+    }
+
+    /// Where histories were kept before they were keyed by identity (`roots/<name>.json`).
+    pub fn legacy_path_for(name: &str) -> String {
+        format!("roots/{}.json", meduet_cache::store::sanitize(name))
+    }
+
+    /// The identity of a pipeline file in a cache: 16 hex digits of blake3 over the file's
+    /// canonical path relative to the cache folder (so a project moved together with its
+    /// cache keeps it, and two files of the same name never share it).
+    pub fn identity(file: &std::path::Path, cache_root: &std::path::Path) -> String {
+        let file = file.canonicalize().unwrap_or_else(|_| file.to_path_buf());
+        let root = cache_root
+            .canonicalize()
+            .unwrap_or_else(|_| cache_root.to_path_buf());
+        let rel = pathdiff::diff_paths(&file, &root).unwrap_or(file);
+        let h = blake3::hash(rel.to_string_lossy().as_bytes());
+        h.to_hex()[..16].to_string()
     }
 }
 

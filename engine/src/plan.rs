@@ -49,13 +49,80 @@ impl StageStatus {
     }
 }
 
-/// Loads the last-run history of a pipeline.
+/// Loads the last-run history of a pipeline file.
 pub fn load_history(store: &Store, pipeline: &Pipeline) -> History {
     store
-        .read_json::<History>(&History::path_for(&pipeline.name))
+        .read_json::<History>(&history_path(store, pipeline))
         .ok()
         .flatten()
         .unwrap_or_default()
+}
+
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// The history file of `pipeline` in `store` (`roots/<name>.<identity>.json`). A history
+/// kept under the name alone (`roots/<name>.json`, before identities) is moved into place
+/// when it is this file's.
+pub fn history_path(store: &Store, pipeline: &Pipeline) -> String {
+    let identity = History::identity(&pipeline.file, store.root());
+    let path = History::path_for(&pipeline.name, &identity);
+    let legacy = History::legacy_path_for(&pipeline.name);
+    if !store.root().join(&path).exists() {
+        if let Ok(Some(old)) = store.read_json::<History>(&legacy) {
+            if same_file(std::path::Path::new(&old.file), &pipeline.file) {
+                let _ = std::fs::rename(store.root().join(&legacy), store.root().join(&path));
+            }
+        }
+    }
+    path
+}
+
+/// Refuses a pipeline file whose name another existing pipeline file already uses in this
+/// cache: their histories are kept apart, but runs, ledgers and `meduet status` name
+/// pipelines by name, so one name must mean one file.
+pub fn check_name(store: &Store, pipeline: &Pipeline) -> Result<(), EngineError> {
+    let own = History::path_for(
+        &pipeline.name,
+        &History::identity(&pipeline.file, store.root()),
+    );
+    let prefix = format!("{}.", meduet_cache::store::sanitize(&pipeline.name));
+    let Ok(rd) = std::fs::read_dir(store.root().join("roots")) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let identity_file = rest
+            .strip_suffix(".json")
+            .is_some_and(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !(identity_file || rest == "json") || format!("roots/{name}") == own {
+            continue;
+        }
+        let Ok(Some(other)) = store.read_json::<History>(&format!("roots/{name}")) else {
+            continue;
+        };
+        let other_file = std::path::Path::new(&other.file);
+        if other.pipeline == pipeline.name
+            && other_file.exists()
+            && !same_file(other_file, &pipeline.file)
+        {
+            return Err(EngineError::Other(format!(
+                "cache '{}' already holds pipeline '{}' from '{}', another file than '{}': one name must mean one file (runs, Slurm ledgers and `meduet status` go by name); give this file its own `name = \"...\"`, or its own cache",
+                store.root().display(),
+                pipeline.name,
+                other.file,
+                pipeline.file.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Collects the inputs of stage `i` from the objects of its upstream stages; `None` if
@@ -182,6 +249,7 @@ fn plan_with(
     cuda_visible: &dyn Fn(&StageDef) -> bool,
     on_ready: &mut ReadyHook<'_>,
 ) -> Result<Vec<PlannedStage>, EngineError> {
+    check_name(store, pipeline)?;
     let mut prepared_all: HashMap<usize, Prepared> = HashMap::new();
     let history = load_history(store, pipeline);
     let mut objects: HashMap<usize, Object> = HashMap::new();

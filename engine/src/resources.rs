@@ -25,6 +25,58 @@ impl Default for Resources {
     }
 }
 
+impl Resources {
+    /// The threads this stage gets out of a budget of `budget`: all of it for
+    /// `threads = 0`, else its request, never more than the budget nor less than one.
+    /// The one place where "0 means all" and the clamp are applied.
+    pub fn threads_within(&self, budget: usize) -> usize {
+        let budget = budget.max(1);
+        match self.threads {
+            0 => budget,
+            n => n.min(budget),
+        }
+    }
+
+    /// Assigns this request here, on its own (a cluster job, `exec-stage` without an
+    /// assignment): the machine's threads, and the first visible CUDA device for `cuda`
+    /// or `auto`. `Err` for a CUDA request with none visible.
+    pub fn assign_here(&self, cuda_devices: &dyn Fn() -> Vec<usize>) -> Result<Assignment, String> {
+        let device = match self.device {
+            DeviceRequest::Cpu => Device::Cpu,
+            DeviceRequest::Cuda(i) => Device::Cuda(i),
+            DeviceRequest::AnyCuda => Device::Cuda(
+                *cuda_devices()
+                    .first()
+                    .ok_or("asks for a CUDA device but none is visible")?,
+            ),
+            DeviceRequest::Auto => cuda_devices()
+                .first()
+                .map(|&d| Device::Cuda(d))
+                .unwrap_or(Device::Cpu),
+        };
+        Ok(Assignment {
+            device,
+            threads: self.threads_within(machine_threads()),
+        })
+    }
+}
+
+/// The CPU threads of this machine.
+pub fn machine_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// What a stage was given to run on: a device and a (non-zero) number of threads.
+/// Computed once, by the scheduler (or [`Resources::assign_here`] for a stage started on
+/// its own), and carried to the process that runs the stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub device: Device,
+    pub threads: usize,
+}
+
 /// A device request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceRequest {
@@ -147,6 +199,37 @@ impl std::str::FromStr for Device {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_are_resolved_in_one_place() {
+        let r = |threads| Resources {
+            threads,
+            ..Resources::default()
+        };
+        assert_eq!(r(0).threads_within(6), 6);
+        assert_eq!(r(2).threads_within(6), 2);
+        assert_eq!(r(8).threads_within(6), 6);
+        assert_eq!(r(0).threads_within(0), 1);
+        let auto = Resources {
+            device: DeviceRequest::Auto,
+            ..r(0)
+        };
+        let a = auto.assign_here(&|| vec![]).unwrap();
+        assert_eq!(a.device, Device::Cpu);
+        assert!(a.threads >= 1);
+        assert_eq!(
+            auto.assign_here(&|| vec![3, 1]).unwrap().device,
+            Device::Cuda(3)
+        );
+        let cuda = Resources {
+            device: DeviceRequest::AnyCuda,
+            ..r(1)
+        };
+        assert!(cuda
+            .assign_here(&|| vec![])
+            .unwrap_err()
+            .contains("none is visible"));
+    }
 
     #[test]
     fn parse_devices() {

@@ -174,13 +174,14 @@ pub fn run(
             .into());
         }
     }
+    crate::plan::check_name(store, pipeline)?;
     let selected: Vec<usize> = select_for_run(pipeline, &opts.only)?;
+    // What this run uses is kept by a concurrent `gc` from the moment its key is known.
+    let env = &env.with_live_root(&format!("run {}", pipeline.name))?;
     let n = pipeline.stages.len();
     let in_sel = |i: usize| selected.binary_search(&i).is_ok();
     let budget = if opts.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        crate::resources::machine_threads()
     } else {
         opts.threads
     };
@@ -264,6 +265,7 @@ pub fn run(
                     }
                 };
                 let forced = opts.force.contains(&def.name);
+                env.protect([p.key])?;
                 if !forced {
                     if let Some(obj) = store.load(&p.key)? {
                         tracing::info!("· {:<24} cached   {}", def.name, p.key.short());
@@ -289,11 +291,7 @@ pub fn run(
             queued.sort_by_key(|&i| (std::cmp::Reverse(priority[i]), i));
             for i in queued {
                 let def = &pipeline.stages[i];
-                let want = if def.resources.threads == 0 {
-                    budget
-                } else {
-                    def.resources.threads.min(budget)
-                };
+                let want = def.resources.threads_within(budget);
                 if def.resources.device != DeviceRequest::Cpu && !probed {
                     free_devices = devices();
                     probed = true;
@@ -521,7 +519,7 @@ pub(crate) fn record_history(
     prepared: &HashMap<usize, Prepared>,
     objects: &HashMap<usize, Object>,
 ) -> Result<(), EngineError> {
-    let path = History::path_for(&pipeline.name);
+    let path = crate::plan::history_path(store, pipeline);
     let mut h: History = store.read_json(&path).ok().flatten().unwrap_or_default();
     h.pipeline = pipeline.name.clone();
     h.file = pipeline.file.to_string_lossy().into_owned();

@@ -22,7 +22,7 @@ use crate::exec::{input_artifact, Prepared};
 use crate::fingerprint::Fingerprint;
 use crate::params::{diff_params, map_sources, resolve_source, source_key_value};
 use crate::registry::Registry;
-use crate::resources::Resources;
+use crate::resources::{Assignment, Resources};
 
 /// Format version of spec files.
 pub const SPEC_FORMAT: u32 = 1;
@@ -49,7 +49,13 @@ pub struct ExecSpec {
     /// Parameters as the stage sees them (absolute source paths).
     pub params: serde_json::Value,
     pub inputs: BTreeMap<String, Vec<SpecInput>>,
+    /// What the stage asked for.
     pub resources: Resources,
+    /// What the scheduler gave it (device and threads), when it runs under one: the
+    /// process that runs the spec takes it as is. Absent for a spec run on its own (a
+    /// cluster job assigns on its node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned: Option<Assignment>,
     pub force: bool,
     /// Ancestors' source paths and object keys, to rebuild the locator.
     #[serde(default)]
@@ -99,6 +105,7 @@ impl ExecSpec {
             params: p.runtime_params.clone(),
             inputs,
             resources: resources.clone(),
+            assigned: None,
             force,
             locator_sources,
             locator_objects,

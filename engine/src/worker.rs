@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::StageError;
 use crate::exec::{ExecEnv, Executed, Prepared};
-use crate::resources::{Device, DeviceRequest, Resources};
+use crate::resources::{Assignment, Device, Resources};
 use crate::spec::ExecSpec;
 
 /// The environment variable that overrides where worker `name` is (`meduet-torch` ->
@@ -75,22 +75,15 @@ pub fn execute_in_worker(
             });
         }
     }
-    let assigned = Resources {
-        threads,
-        device: match device {
-            Device::Cpu => DeviceRequest::Cpu,
-            Device::Cuda(i) => DeviceRequest::Cuda(i),
-        },
-        memory_gb: resources.memory_gb,
-    };
-    let spec = ExecSpec::from_prepared(
+    let mut spec = ExecSpec::from_prepared(
         pipeline,
         p,
-        &assigned,
+        resources,
         force,
         p.locator_source_paths(),
         p.locator_object_keys(),
     );
+    spec.assigned = Some(Assignment { device, threads });
     let spec_path = spec
         .write(store)
         .map_err(|e| StageError::failed(e.to_string()))?;
@@ -172,11 +165,19 @@ fn last_error(env: &ExecEnv, p: &Prepared) -> Option<String> {
         .ok()?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().contains(&short))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            !name.starts_with('.') && name.ends_with(".json") && name.contains(&short)
+        })
         .collect();
     recs.sort();
     for r in recs.iter().rev() {
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(r).ok()?).ok()?;
+        let Some(v) = std::fs::read(r)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        else {
+            continue;
+        };
         if v["status"] != "succeeded" {
             return v["error"].as_str().map(str::to_string);
         }

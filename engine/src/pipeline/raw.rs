@@ -272,7 +272,16 @@ fn record_executor_spans(file: &Path, text: &str, out: &mut BTreeMap<String, Loc
 
 /// Tables merged entry by entry (for `inputs`, `resources`, a training kind's `optim` and
 /// `schedule`, and `[executor]`): an override of `optim.lr` keeps the base's `optim.betas`.
+/// An override that names another `kind` (`optim = { kind = "sgd" }`) replaces the table:
+/// the base's AdamW numbers do not apply to SGD.
 const MERGED_TABLES: &[&str] = &["inputs", "resources", "optim", "schedule"];
+
+fn changes_kind(old: &toml::Value, new: &toml::Table) -> bool {
+    match new.get("kind") {
+        Some(k) => old.get("kind") != Some(k),
+        None => false,
+    }
+}
 
 fn merge_stage(stages: &mut BTreeMap<String, RawStage>, name: String, over: RawStage) {
     match stages.get_mut(&name) {
@@ -282,7 +291,10 @@ fn merge_stage(stages: &mut BTreeMap<String, RawStage>, name: String, over: RawS
         Some(base) => {
             for (k, v) in over.entries {
                 match (base.entries.get_mut(&k), &v.value) {
-                    (Some(old), toml::Value::Table(new)) if MERGED_TABLES.contains(&k.as_str()) => {
+                    (Some(old), toml::Value::Table(new))
+                        if MERGED_TABLES.contains(&k.as_str())
+                            && !changes_kind(&old.value, new) =>
+                    {
                         if let toml::Value::Table(t) = &mut old.value {
                             merge_table(t, new.clone());
                         } else {

@@ -248,10 +248,16 @@ impl Stage for Phantom {
         if !(0.2..=5.0).contains(&p.anatomy_scale) {
             return Err("anatomy_scale must be in [0.2, 5]".into());
         }
-        let styles = p.styles()?;
-        if styles.is_empty() || styles.len() > 100 {
-            return Err("domains must give 1..=100 domains".into());
+        // Counted before anything is built (the fuzzer's `domains = 9999999999` asked for
+        // 1.6 TB of domain styles).
+        let n = match &p.domains {
+            Domains::Count(n) => *n,
+            Domains::List(list) => list.len(),
+        };
+        if n == 0 || n > 100 {
+            return Err(format!("domains: {n} domains; give 1..=100"));
         }
+        let styles = p.styles()?;
         let mut names = std::collections::BTreeSet::new();
         for s in &styles {
             s.validate()?;
@@ -379,6 +385,10 @@ mod tests {
             Phantom.validate(&twice).unwrap_err(),
             "two domains are named 'native'"
         );
+        let huge: PhantomParams =
+            serde_json::from_value(serde_json::json!({"domains": 9_999_999_999u64})).unwrap();
+        let e = Phantom.validate(&huge).unwrap_err();
+        assert!(e.contains("9999999999 domains; give 1..=100"), "{e}");
         let e = serde_json::from_value::<PhantomParams>(serde_json::json!({"domains": "four"}))
             .unwrap_err()
             .to_string();

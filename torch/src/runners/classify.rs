@@ -20,7 +20,7 @@ use meduet_stages::kinds::segment::*;
 use meduet_stages::kinds::vae::LATENT_ZARR;
 use meduet_stages::sampling::{CropSampler, CropSource, Sampling};
 use meduet_stages::segmentation::sliding::{pad_to_window, window_starts};
-use meduet_stages::segmentation::splits::{make_splits, SplitConfig, Splits};
+use meduet_stages::segmentation::splits::Splits;
 use meduet_stages::segmentation::style_augment::AugmentedTask;
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
@@ -29,8 +29,10 @@ use tch::{Device, Kind, Reduction, Tensor};
 use super::common::{
     batch_tensor, device, fail, load_frozen, read_json, trainable_parameters, write_json,
 };
-use super::segment::{by_id, domain_of, meduet_model_config, unetr_config, WEIGHTS};
-use super::style_augment::{kl_consistency, StyleAugmenter, PROTOTYPE_FILE};
+use super::segment::{
+    by_id, domain_of, meduet_model_config, subject_splits, unetr_config, WEIGHTS,
+};
+use super::style_augment::{kl_consistency, StyleAugmenter};
 use crate::models::unetr::{PosEmbedInit, Unetr, UnetrConfig, UnetrHead};
 use crate::train::trainer::{self, Learner, Step, StepOutput, TrainingTask};
 
@@ -121,20 +123,7 @@ pub fn train(
             "unetr.init = \"meduet\" needs a 'meduet' input",
         ));
     }
-    let subjects: Vec<(String, String)> =
-        items.iter().map(|i| (i.id.clone(), domain_of(i))).collect();
-    let splits = make_splits(
-        &subjects,
-        &SplitConfig {
-            train_domains: p.split.train_domains.clone(),
-            test_fraction: p.split.test_fraction,
-            val_fraction: p.split.val_fraction,
-            split_seed: p.split.split_seed,
-            label_fraction: p.split.label_fraction.clone(),
-            seed: p.seed,
-        },
-    )
-    .map_err(StageError::input)?;
+    let splits = subject_splits(&items, &p.split, p.seed)?;
     let (values, classes) = class_values(&items, &p.label_attr)?;
     let train = read_samples(&items, &splits.train, &p.label_attr, &values)?;
     let in_ch = train[0].source.shape[0] as i64;
@@ -291,16 +280,10 @@ impl TrainingTask for ClassifyTask<'_> {
         vec![("optimizer", &mut self.learner)]
     }
     fn save_extra(&self, dir: &Path) -> Result<serde_json::Value, String> {
-        if let Some(a) = &self.augmenter {
-            a.save(&dir.join(PROTOTYPE_FILE))?;
-        }
-        Ok(serde_json::Value::Null)
+        StyleAugmenter::save_optional(&self.augmenter, dir)
     }
     fn load_extra(&mut self, dir: &Path, _state: &serde_json::Value) -> Result<(), StageError> {
-        match self.augmenter.as_mut() {
-            Some(a) => a.load_state(dir),
-            None => Ok(()),
-        }
+        StyleAugmenter::load_optional(&mut self.augmenter, dir)
     }
     fn step(&mut self, s: &Step) -> Result<StepOutput, StageError> {
         let p = self.p;

@@ -10,7 +10,7 @@ use meduet_stages::data::array_store::read_array_f32;
 use meduet_stages::data::zarr_store::read_zarr;
 use meduet_stages::kinds::resample::IMAGE_ZARR;
 use meduet_stages::kinds::vae::LATENT_ZARR;
-use meduet_stages::sampling::CropSource;
+use meduet_stages::sampling::{Batch, CropSampler, CropSource, Prefetcher};
 use rayon::prelude::*;
 
 /// The tch device of the stage (and its threads set for libtorch).
@@ -156,6 +156,52 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Stage
     let b = std::fs::read(path).map_err(|e| StageError::io(path, e))?;
     serde_json::from_slice(&b)
         .map_err(|e| StageError::input(format!("'{}' is not valid: {e}", path.display())))
+}
+
+/// Training batches of random crops, drawn ahead on background threads from the step a
+/// run starts at (0, or a resumed checkpoint's), as [`Prefetcher`] does.
+pub struct CropBatches {
+    sampler: Arc<CropSampler>,
+    steps: u64,
+    batch_size: usize,
+    prefetch: Option<Prefetcher>,
+}
+
+impl CropBatches {
+    pub fn new(sampler: Arc<CropSampler>, steps: u64, batch_size: usize) -> Self {
+        Self {
+            sampler,
+            steps,
+            batch_size,
+            prefetch: None,
+        }
+    }
+
+    /// Starts drawing at `first_step` ([`crate::train::trainer::TrainingTask::start`]).
+    pub fn start(&mut self, first_step: u64) {
+        self.prefetch = Some(Prefetcher::new(
+            self.sampler.clone(),
+            first_step,
+            self.steps,
+            self.batch_size,
+            1,
+            2,
+        ));
+    }
+
+    /// The next step's batch.
+    pub fn next(&self) -> Result<Batch, StageError> {
+        self.prefetch
+            .as_ref()
+            .and_then(|p| p.next_batch())
+            .map(|(_, b)| b)
+            .ok_or_else(|| fail("the batch prefetcher stopped early"))
+    }
+
+    /// The sampler (for batches outside the run, such as the first batch's statistics).
+    pub fn sampler(&self) -> &CropSampler {
+        &self.sampler
+    }
 }
 
 /// A batch of `f32` values as a tensor of `shape` (on the CPU).

@@ -24,14 +24,14 @@ use meduet_stages::data::zarr_store::{write_zarr, Attrs};
 use meduet_stages::kinds::diffusion::*;
 use meduet_stages::kinds::resample::IMAGE_ZARR;
 use meduet_stages::plot::{montage, GrayImage};
-use meduet_stages::sampling::{Augment, CropSampler, Prefetcher, Sampling};
+use meduet_stages::sampling::{Augment, CropSampler, Sampling};
 use rand::{Rng, SeedableRng};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::common::{
     batch_tensor, device, fail, latent_sources, load_frozen, read_json, step_seed,
-    trainable_parameters, warn_if_bottlenecked, write_json, DomainMap,
+    trainable_parameters, warn_if_bottlenecked, write_json, CropBatches, DomainMap,
 };
 use crate::diffusion::gaussian::GaussianDiffusion;
 use crate::diffusion::{guided_output, transport};
@@ -368,8 +368,7 @@ pub fn train(
         ),
         rows,
         bank: bank_dev,
-        sampler,
-        prefetch: None,
+        batches: CropBatches::new(sampler, p.steps, p.batch_size),
         scale_factor: p.scale_factor,
         scratch: ctx.scratch_dir()?,
     };
@@ -500,8 +499,7 @@ struct DiffusionTask<'a> {
     /// Subject id -> row of the condition bank.
     rows: HashMap<String, i64>,
     bank: Vec<Tensor>,
-    sampler: Arc<CropSampler>,
-    prefetch: Option<Prefetcher>,
+    batches: CropBatches,
     /// Set from the parameters, a resumed checkpoint, or the first batch.
     scale_factor: Option<f64>,
     scratch: std::path::PathBuf,
@@ -526,7 +524,7 @@ impl TrainingTask for DiffusionTask<'_> {
     }
     fn start(&mut self, first_step: u64) -> Result<(), StageError> {
         if self.scale_factor.is_none() {
-            let b = self.sampler.batch(0, self.p.batch_size);
+            let b = self.batches.sampler().batch(0, self.p.batch_size);
             let sd = std_unbiased(&b.data);
             if !(sd > 0.0) || !sd.is_finite() {
                 return Err(StageError::input(format!(
@@ -536,24 +534,13 @@ impl TrainingTask for DiffusionTask<'_> {
             self.scale_factor = Some(1.0 / sd);
         }
         tracing::info!("latent scale factor {:.6}", self.scale_factor.expect("set"));
-        self.prefetch = Some(Prefetcher::new(
-            self.sampler.clone(),
-            first_step,
-            self.p.steps,
-            self.p.batch_size,
-            1,
-            2,
-        ));
+        self.batches.start(first_step);
         Ok(())
     }
     fn step(&mut self, s: &Step) -> Result<StepOutput, StageError> {
         let p = self.p;
         let dev = self.dev;
-        let (_, batch) = self
-            .prefetch
-            .as_ref()
-            .and_then(|p| p.next_batch())
-            .ok_or_else(|| fail("the batch prefetcher stopped early"))?;
+        let batch = self.batches.next()?;
         let b = batch.shape[0] as i64;
         let x1 = (batch_tensor(&batch.data, &batch.shape) * self.scale_factor.expect("set"))
             .to_device(dev);

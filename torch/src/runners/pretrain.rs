@@ -13,14 +13,15 @@ use std::sync::Arc;
 use crate::models::meduet::{Masks, MeDuet, StepInfo, Teacher};
 use meduet_engine::{StageContext, StageError};
 use meduet_stages::kinds::pretrain::{meduet_config, Pretrain, PretrainParams};
-use meduet_stages::sampling::{CropSampler, Prefetcher};
+use meduet_stages::sampling::CropSampler;
 use meduet_stages::schedule::EmaSchedule;
 use rand::SeedableRng;
 use tch::nn::VarStore;
 use tch::Tensor;
 
 use super::common::{
-    batch_tensor, device, fail, latent_sources, trainable_parameters, write_json, DomainMap,
+    batch_tensor, device, fail, latent_sources, trainable_parameters, write_json, CropBatches,
+    DomainMap,
 };
 use crate::train::trainer::{self, Ema, Learner, Step, StepOutput, TrainingTask};
 
@@ -82,8 +83,7 @@ pub fn run(_: &Pretrain, p: &PretrainParams, ctx: &mut StageContext) -> Result<(
             final_value: p.ema_final,
             total_steps: p.steps,
         },
-        sampler,
-        prefetch: None,
+        batches: CropBatches::new(sampler, p.steps, p.batch_size),
     };
     let trained = trainer::run(ctx, &training, &mut task)?;
     let out = ctx.output_dir("model")?;
@@ -124,8 +124,7 @@ struct PretrainTask<'a> {
     teacher: Teacher,
     learner: Learner,
     ema: EmaSchedule,
-    sampler: Arc<CropSampler>,
-    prefetch: Option<Prefetcher>,
+    batches: CropBatches,
 }
 
 impl TrainingTask for PretrainTask<'_> {
@@ -139,22 +138,11 @@ impl TrainingTask for PretrainTask<'_> {
         vec![("optimizer", &mut self.learner)]
     }
     fn start(&mut self, first_step: u64) -> Result<(), StageError> {
-        self.prefetch = Some(Prefetcher::new(
-            self.sampler.clone(),
-            first_step,
-            self.p.steps,
-            self.p.batch_size,
-            1,
-            2,
-        ));
+        self.batches.start(first_step);
         Ok(())
     }
     fn step(&mut self, s: &Step) -> Result<StepOutput, StageError> {
-        let (_, batch) = self
-            .prefetch
-            .as_ref()
-            .and_then(|p| p.next_batch())
-            .ok_or_else(|| fail("the batch prefetcher stopped early"))?;
+        let batch = self.batches.next()?;
         let x = batch_tensor(&batch.data, &batch.shape).to_device(self.dev);
         let doms = Tensor::from_slice(&batch.domains).to_device(self.dev);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed);

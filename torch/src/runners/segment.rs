@@ -45,7 +45,7 @@ use tch::{Device, Kind, Tensor};
 use super::common::{
     batch_tensor, device, fail, load_frozen, read_json, trainable_parameters, write_json,
 };
-use super::style_augment::{kl_consistency, StyleAugmenter, PROTOTYPE_FILE};
+use super::style_augment::{kl_consistency, StyleAugmenter};
 use crate::inference::{sliding_window, SlidingWindow};
 use crate::models::meduet::Config as MeduetConfig;
 use crate::models::unet::{Unet, UnetConfig};
@@ -407,22 +407,7 @@ pub fn train(
         meduet_dir.is_some(),
         vae_dir.is_some(),
     )?;
-    let subjects: Vec<(String, String)> = vol_items
-        .iter()
-        .map(|i| (i.id.clone(), domain_of(i)))
-        .collect();
-    let splits = make_splits(
-        &subjects,
-        &SplitConfig {
-            train_domains: p.split.train_domains.clone(),
-            test_fraction: p.split.test_fraction,
-            val_fraction: p.split.val_fraction,
-            split_seed: p.split.split_seed,
-            label_fraction: p.split.label_fraction.clone(),
-            seed: p.seed,
-        },
-    )
-    .map_err(StageError::input)?;
+    let splits = subject_splits(&vol_items, &p.split, p.seed)?;
     tracing::info!(
         "splits ({}): {} labelled training, {} unlabelled, {} validation, {} test subjects; {} held out from {:?}",
         splits.label_fraction,
@@ -569,6 +554,29 @@ pub fn train(
     ctx.set_metric("trainable_parameters", n_params);
     ctx.set_metric("train_seconds", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The splits of the subjects of `items` (by their domains), for segmentation and
+/// classification.
+pub fn subject_splits(
+    items: &[Item],
+    split: &SplitParams,
+    seed: u64,
+) -> Result<Splits, StageError> {
+    let subjects: Vec<(String, String)> =
+        items.iter().map(|i| (i.id.clone(), domain_of(i))).collect();
+    make_splits(
+        &subjects,
+        &SplitConfig {
+            train_domains: split.train_domains.clone(),
+            test_fraction: split.test_fraction,
+            val_fraction: split.val_fraction,
+            split_seed: split.split_seed,
+            label_fraction: split.label_fraction.clone(),
+            seed,
+        },
+    )
+    .map_err(StageError::input)
 }
 
 /// Refuses a network setting whose input is not connected.
@@ -884,16 +892,10 @@ impl TrainingTask for SegmentTask<'_> {
         vec![("optimizer", &mut self.learner)]
     }
     fn save_extra(&self, dir: &Path) -> Result<serde_json::Value, String> {
-        if let Some(a) = &self.augmenter {
-            a.save(&dir.join(PROTOTYPE_FILE))?;
-        }
-        Ok(serde_json::Value::Null)
+        StyleAugmenter::save_optional(&self.augmenter, dir)
     }
     fn load_extra(&mut self, dir: &Path, _state: &serde_json::Value) -> Result<(), StageError> {
-        match self.augmenter.as_mut() {
-            Some(a) => a.load_state(dir),
-            None => Ok(()),
-        }
+        StyleAugmenter::load_optional(&mut self.augmenter, dir)
     }
     fn start(&mut self, first_step: u64) -> Result<(), StageError> {
         self.val_log = Some(

@@ -200,6 +200,23 @@ impl StyleAugmenter {
         Ok(self.model.decode_full(&f.content, &style, &f.cls))
     }
 
+    /// Writes the prototype of an optional augmenter into a checkpoint folder
+    /// ([`crate::train::trainer::TrainingTask::save_extra`]).
+    pub fn save_optional(a: &Option<Self>, dir: &Path) -> Result<serde_json::Value, String> {
+        if let Some(a) = a {
+            a.save(&dir.join(PROTOTYPE_FILE))?;
+        }
+        Ok(serde_json::Value::Null)
+    }
+
+    /// Restores what [`StyleAugmenter::save_optional`] wrote.
+    pub fn load_optional(a: &mut Option<Self>, dir: &Path) -> Result<(), StageError> {
+        match a.as_mut() {
+            Some(a) => a.load_state(dir),
+            None => Ok(()),
+        }
+    }
+
     /// Writes the prototype (for a checkpoint).
     pub fn save(&self, path: &Path) -> Result<(), String> {
         match &self.prototype {

@@ -22,7 +22,7 @@ use meduet_stages::data::zarr_store::{read_zarr, write_zarr, Attrs};
 use meduet_stages::kinds::resample::IMAGE_ZARR;
 use meduet_stages::kinds::vae::*;
 use meduet_stages::plot::{montage, GrayImage};
-use meduet_stages::sampling::{CropSampler, Prefetcher};
+use meduet_stages::sampling::CropSampler;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tch::nn::VarStore;
@@ -30,7 +30,7 @@ use tch::{Kind, Tensor};
 
 use super::common::{
     batch_tensor, device, fail, read_json, step_seed, trainable_parameters, volume_sources,
-    write_json,
+    write_json, CropBatches,
 };
 use crate::models::discriminator::PatchDiscriminator;
 use crate::quality::{psnr, ssim_3d};
@@ -131,8 +131,7 @@ pub fn train(_: &VaeTrain, p: &VaeTrainParams, ctx: &mut StageContext) -> Result
         dvs,
         vae,
         disc,
-        sampler,
-        prefetch: None,
+        batches: CropBatches::new(sampler, p.steps, p.batch_size),
     };
     let trained = trainer::run(ctx, &training, &mut task)?;
     let (vs, vae) = (task.vs, task.vae);
@@ -189,8 +188,7 @@ struct VaeTask<'a> {
     disc: PatchDiscriminator,
     learner: Learner,
     disc_learner: Learner,
-    sampler: Arc<CropSampler>,
-    prefetch: Option<Prefetcher>,
+    batches: CropBatches,
 }
 
 impl TrainingTask for VaeTask<'_> {
@@ -207,23 +205,12 @@ impl TrainingTask for VaeTask<'_> {
         ]
     }
     fn start(&mut self, first_step: u64) -> Result<(), StageError> {
-        self.prefetch = Some(Prefetcher::new(
-            self.sampler.clone(),
-            first_step,
-            self.p.steps,
-            self.p.batch_size,
-            1,
-            2,
-        ));
+        self.batches.start(first_step);
         Ok(())
     }
     fn step(&mut self, s: &Step) -> Result<StepOutput, StageError> {
         let (p, dev) = (self.p, self.dev);
-        let (_, b) = self
-            .prefetch
-            .as_ref()
-            .and_then(|p| p.next_batch())
-            .ok_or_else(|| fail("the batch prefetcher stopped early"))?;
+        let b = self.batches.next()?;
         let x = batch_tensor(&b.data, &b.shape).to_device(dev);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s.seed);
         let use_adv = p.adversarial_weight > 0.0 && s.step >= p.adversarial_start;

@@ -46,6 +46,7 @@ pub fn submit_detached(
 ) -> Result<Detached, EngineError> {
     let store = &env.store;
     check_cache(store, &run.cli)?;
+    crate::plan::check_name(store, pipeline)?;
     let selected: Vec<usize> = select_for_run(pipeline, &opts.only)?;
     let ledger = Ledger::new(store);
     let cfg = &pipeline.executor_config.slurm;

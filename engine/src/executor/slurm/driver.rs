@@ -131,6 +131,11 @@ pub fn run_attached(
 ) -> Result<RunSummary, EngineError> {
     let store = &env.store;
     check_cache(store, &run.cli)?;
+    crate::plan::check_name(store, pipeline)?;
+    // The driver lives as long as the run: its live root keeps what the run uses (a
+    // stage's scratch checkpoint between a TIMEOUT and its resubmission included) from a
+    // concurrent `gc`.
+    let env = &env.with_live_root(&format!("slurm run {}", pipeline.name))?;
     let mut d = Driver::new(pipeline, env, opts, run)?;
     let result = d.drive();
     d.finish();
@@ -329,7 +334,11 @@ impl<'a> Driver<'a> {
                 .expect("upstream objects exist");
             let cfg = &self.pipeline.executor_config.slurm;
             let cuda = |d: &crate::pipeline::StageDef| super::cuda_visible_for(d, cfg, self.opts);
-            let mut p = match prepare(def, self.store, inputs, &cuda) {
+            let prepared = prepare(def, self.store, inputs, &cuda);
+            if let Ok(p) = &prepared {
+                self.env.protect([p.key])?;
+            }
+            let mut p = match prepared {
                 Ok(p) => p,
                 Err(e) => {
                     self.fail(i, e.to_string());
