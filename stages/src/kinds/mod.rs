@@ -264,4 +264,44 @@ resources = { device = "cpu" }
         // An explicit CPU stage is a CPU stage whatever this machine has.
         assert_eq!(key("fp16_cpu", true).key, cpu.key);
     }
+
+    /// `extends` merges `optim` entry by entry (an lr override keeps the base's betas), and
+    /// starts over when the override names another optimiser.
+    #[test]
+    fn extends_merges_optim_unless_the_kind_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(
+            &file,
+            r#"
+[stages.phantom]
+kind = "phantom"
+[stages.ingest]
+kind = "ingest"
+inputs = { datasets = "phantom.datasets" }
+[stages.resample]
+kind = "resample"
+inputs = { subjects = "ingest.subjects" }
+[stages.base]
+kind = "vae_train"
+inputs = { volumes = "resample.volumes" }
+optim = { lr = 1e-3, betas = [0.8, 0.9] }
+[stages.faster]
+extends = "base"
+optim.lr = 2e-3
+[stages.sgd]
+extends = "base"
+optim = { kind = "sgd" }
+"#,
+        )
+        .unwrap();
+        let p = meduet_engine::Pipeline::load(&file, &crate::registry()).unwrap();
+        let optim = |s: &str| p.stages[p.index_of(s).unwrap()].params["optim"].clone();
+        assert_eq!(optim("faster")["betas"], serde_json::json!([0.8, 0.9]));
+        assert_eq!(optim("faster")["lr"], 2e-3);
+        let sgd = optim("sgd");
+        assert_eq!(sgd["kind"], "sgd");
+        assert!(sgd.get("betas").is_none(), "{sgd}");
+        assert_eq!((sgd["lr"].as_f64(), sgd["momentum"].as_f64()), (Some(2e-4), Some(0.9)));
+    }
 }

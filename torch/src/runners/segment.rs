@@ -527,19 +527,34 @@ pub fn train(
     };
     let t0 = Instant::now();
     let trained = trainer::run(ctx, &training, &mut task)?;
+    write_segmenter(ctx, &task, &trained, &splits, &config, &transfer)?;
+    ctx.set_metric("train_seconds", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Writes the trained segmenter (weights, loss and validation curves, splits, config) and
+/// its metrics.
+fn write_segmenter(
+    ctx: &mut StageContext,
+    task: &SegmentTask,
+    trained: &trainer::Trained,
+    splits: &Splits,
+    config: &SegmenterConfig,
+    transfer: &Option<crate::models::unetr::Transfer>,
+) -> Result<(), StageError> {
     let out = ctx.output_dir("model")?;
     task.vs.save(out.join(WEIGHTS)).map_err(fail)?;
     trainer::finish(
-        &trained,
+        trained,
         &out,
         "segmentation training loss (DiceCE)",
         &["loss", "dice_loss", "ce"],
     )?;
     std::fs::copy(&task.val_path, out.join("val_dice.jsonl"))
         .map_err(|e| StageError::io(&task.val_path, e))?;
-    write_json(&out.join("splits.json"), &splits)?;
-    let mut cj = serde_json::to_value(&config).expect("json");
-    cj["meduet_transfer"] = serde_json::to_value(&transfer).expect("json");
+    write_json(&out.join("splits.json"), splits)?;
+    let mut cj = serde_json::to_value(config).expect("json");
+    cj["meduet_transfer"] = serde_json::to_value(transfer).expect("json");
     write_json(&out.join("config.json"), &cj)?;
     let vpts = plot_validation(&out)?;
     let losses = crate::train::log::read_column(&out.join("losses.jsonl"), "loss");
@@ -551,8 +566,7 @@ pub fn train(
         ctx.set_metric("val_dice_last", v.1);
     }
     ctx.set_metric("train_subjects", splits.train.len());
-    ctx.set_metric("trainable_parameters", n_params);
-    ctx.set_metric("train_seconds", t0.elapsed().as_secs_f64());
+    ctx.set_metric("trainable_parameters", config.trainable_parameters);
     Ok(())
 }
 
