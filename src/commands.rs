@@ -10,7 +10,10 @@ use meduet_engine::plan::{load_history, plan, select, StageStatus};
 use meduet_engine::progress::Reporter;
 use meduet_engine::{ExecEnv, Outcome, Pipeline, Registry, RunOptions};
 
-use crate::cli::{CacheArg, Cli, Command, GraphFormat};
+use crate::cli::{
+    CacheArg, CancelArgs, Cli, Command, DoctorArgs, ExecStageArgs, ExportArgs, GcArgs, GraphArgs,
+    GraphFormat, HashArgs, KindsArgs, PinArgs, PlanArgs, RunArgs, ShowArgs, StatusArgs, VerifyArgs,
+};
 
 /// Versions recorded in run records.
 pub fn versions() -> Versions {
@@ -63,7 +66,7 @@ fn env_for(store: Store, multi: &MultiProgress) -> ExecEnv {
 pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
     let registry = meduet_stages::registry();
     match args.command {
-        Command::Run {
+        Command::Run(RunArgs {
             pipeline,
             only,
             force,
@@ -72,7 +75,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             executor,
             detach,
             cache,
-        } => {
+        }) => {
             let p = load(&pipeline, &registry)?;
             let slurm = crate::slurm_cmds::wants_slurm(&p, executor, detach)?;
             let store = open_store(&cache_dir(&p, &cache))?;
@@ -113,14 +116,14 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             result?;
             Ok(0)
         }
-        Command::Plan {
+        Command::Plan(PlanArgs {
             pipeline,
             only,
             force,
             json,
             specs,
             cache,
-        } => {
+        }) => {
             let p = load(&pipeline, &registry)?;
             let dir = cache_dir(&p, &cache);
             let sel = select(&p, &only)?;
@@ -146,7 +149,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             print_plan(&planned, json);
             Ok(report_missing_files(&p, &sel, json))
         }
-        Command::Graph { pipeline, format } => {
+        Command::Graph(GraphArgs { pipeline, format }) => {
             let p = load(&pipeline, &registry)?;
             match format {
                 GraphFormat::Dot => print!("{}", meduet_engine::graph::to_dot(&p)),
@@ -154,7 +157,7 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Status { pipeline, cache } => {
+        Command::Status(StatusArgs { pipeline, cache }) => {
             let p = load(&pipeline, &registry)?;
             let dir = cache_dir(&p, &cache);
             let Some(store) = Store::open_existing(&dir) else {
@@ -232,12 +235,12 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Show {
+        Command::Show(ShowArgs {
             pipeline,
             stage,
             log,
             cache,
-        } => {
+        }) => {
             let p = load(&pipeline, &registry)?;
             let store = existing_store(
                 &Some(pipeline.clone()),
@@ -289,12 +292,12 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Export {
+        Command::Export(ExportArgs {
             pipeline,
             stage,
             to,
             cache,
-        } => {
+        }) => {
             let p = load(&pipeline, &registry)?;
             let store = existing_store(
                 &Some(pipeline.clone()),
@@ -341,11 +344,11 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             println!("wrote {written} NIfTI file(s) under {}", to.display());
             Ok(0)
         }
-        Command::Gc {
+        Command::Gc(GcArgs {
             pipeline,
             dry_run,
             cache,
-        } => {
+        }) => {
             let store = existing_store(&pipeline, &cache, &registry)?;
             let r = store.gc(dry_run)?;
             let verb = if dry_run { "would remove" } else { "removed" };
@@ -355,11 +358,11 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Verify {
+        Command::Verify(VerifyArgs {
             pipeline,
             dry_run,
             cache,
-        } => {
+        }) => {
             let store = existing_store(&pipeline, &cache, &registry)?;
             let r = store.verify(dry_run)?;
             println!(
@@ -382,11 +385,11 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             }
             Ok(if r.corrupt.is_empty() { 0 } else { 1 })
         }
-        Command::Pin {
+        Command::Pin(PinArgs {
             pipeline,
             name,
             cache,
-        } => {
+        }) => {
             let p = load(&pipeline, &registry)?;
             let store = existing_store(
                 &Some(pipeline.clone()),
@@ -407,11 +410,11 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             println!("pinned {} object(s) as '{name}'", h.keys.len());
             Ok(0)
         }
-        Command::Doctor { pipeline, cache } => {
+        Command::Doctor(DoctorArgs { pipeline, cache }) => {
             doctor(&pipeline, &cache, &registry)?;
             Ok(0)
         }
-        Command::Hash { paths, cache } => {
+        Command::Hash(HashArgs { paths, cache }) => {
             let memo = match &cache.cache {
                 Some(c) => Some(open_store(c)?.memo()),
                 None => None,
@@ -442,21 +445,21 @@ pub fn dispatch(args: Cli, multi: MultiProgress) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Kinds { kind } => {
+        Command::Kinds(KindsArgs { kind }) => {
             kinds(&registry, kind.as_deref())?;
             Ok(0)
         }
-        Command::Cancel { pipeline, cache } => {
+        Command::Cancel(CancelArgs { pipeline, cache }) => {
             let p = load(&pipeline, &registry)?;
             crate::slurm_cmds::cancel(&p, &cache_dir(&p, &cache))
         }
-        Command::ExecStage {
+        Command::ExecStage(ExecStageArgs {
             spec,
             cache,
             item_index,
             pipeline,
             stage,
-        } => {
+        }) => {
             let spec = match (spec, pipeline, stage) {
                 (Some(s), _, _) => s,
                 (None, Some(pf), Some(stage)) => {
