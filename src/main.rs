@@ -2,7 +2,6 @@
 
 mod cli;
 mod commands;
-mod slurm_cmds;
 
 use clap::Parser;
 

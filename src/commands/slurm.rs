@@ -1,21 +1,31 @@
 //! The Slurm side of the command line: `run --executor slurm [--detach]`, `cancel`,
 //! the job column of `status`, and `exec-stage --pipeline FILE --stage NAME` (what the
-//! jobs of a detached chain run).
+//! jobs of a detached chain run). The `run`, `status` and `exec-stage` modules call it;
+//! it uses only the helper modules.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use meduet_cache::Store;
-use meduet_engine::executor::slurm::{self, ledger::Ledger, state::JobState, SlurmCli, SlurmRun};
+use meduet_engine::executor::slurm::ledger::{Ledger, StageJobs};
+use meduet_engine::executor::slurm::state::{JobState, QueueRow};
+use meduet_engine::executor::slurm::{self, SlurmCli, SlurmRun};
 use meduet_engine::executor::ExecutorKind;
 use meduet_engine::plan::{PlannedStage, StageStatus};
-use meduet_engine::{ExecEnv, Pipeline, RunOptions};
+use meduet_engine::{ExecEnv, Pipeline, Registry, RunOptions};
 
-use crate::cli::ExecutorArg;
+use super::common::{cache_dir, load};
+use super::devices::cuda_visible;
+use super::output::print_summary;
+use crate::cli::{CancelArgs, ExecutorArg};
 
 /// Whether this run uses Slurm: `--executor`, else the pipeline's `[executor] default`.
-pub fn wants_slurm(p: &Pipeline, executor: Option<ExecutorArg>, detach: bool) -> Result<bool> {
+pub(super) fn wants_slurm(
+    p: &Pipeline,
+    executor: Option<ExecutorArg>,
+    detach: bool,
+) -> Result<bool> {
     let kind = match executor {
         Some(ExecutorArg::Local) => ExecutorKind::Local,
         Some(ExecutorArg::Slurm) => ExecutorKind::Slurm,
@@ -28,7 +38,7 @@ pub fn wants_slurm(p: &Pipeline, executor: Option<ExecutorArg>, detach: bool) ->
 }
 
 /// `meduet run --executor slurm [--detach]`.
-pub fn run(
+pub(super) fn run(
     p: &Pipeline,
     store: &Store,
     env: &ExecEnv,
@@ -59,12 +69,12 @@ pub fn run(
         return Ok(0);
     }
     let summary = slurm::run_attached(p, env, opts, &run)?;
-    crate::commands::print_summary(p, store, &summary);
+    print_summary(p, store, &summary);
     Ok(0)
 }
 
 /// Slurm jobs of the stages that are not cached: stage -> (status, details).
-pub fn status_jobs(
+pub(super) fn status_jobs(
     p: &Pipeline,
     store: &Store,
     planned: &[PlannedStage],
@@ -96,69 +106,84 @@ pub fn status_jobs(
     } else {
         None
     };
-    let mut out = HashMap::new();
-    for (stage, rec) in recs {
-        let mut parts = Vec::new();
-        let mut active = false;
-        let mut running = false;
-        let mut ended = false;
-        for job in &rec.jobs {
-            let mine: Vec<_> = rows.iter().flatten().filter(|r| &r.job == job).collect();
-            if mine.is_empty() {
-                parts.push(format!("{job} (not in the queue)"));
-                ended = true;
-                continue;
-            }
-            let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
-            for r in &mine {
-                active |= r.state.is_active();
-                running |= r.state == JobState::Running;
-                ended |= !r.state.is_active();
-                *counts.entry(r.state.to_string()).or_default() += 1;
-            }
-            let reason = mine
-                .iter()
-                .find(|r| r.state == JobState::Pending && r.reason != "None")
-                .map(|r| format!(" ({})", r.reason))
-                .unwrap_or_default();
-            if mine.len() == 1 && mine[0].task.is_none() {
-                parts.push(format!("{job} {}{reason}", mine[0].state));
-            } else {
-                let c: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
-                parts.push(format!("{job} [{}]{reason}", c.join(", ")));
-            }
+    recs.into_iter()
+        .map(|(stage, rec)| (stage, describe_jobs(&rec, rows.as_deref())))
+        .collect()
+}
+
+/// The status column and the details of a stage's latest jobs, from the queue's rows
+/// (`None` when squeue could not be asked).
+fn describe_jobs(rec: &StageJobs, rows: Option<&[QueueRow]>) -> (String, String) {
+    let mut parts = Vec::new();
+    let mut active = false;
+    let mut running = false;
+    let mut ended = false;
+    for job in &rec.jobs {
+        let mine: Vec<_> = rows
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| &r.job == job)
+            .collect();
+        if mine.is_empty() {
+            parts.push(format!("{job} (not in the queue)"));
+            ended = true;
+            continue;
         }
-        let status = if running {
-            "running"
-        } else if active {
-            "queued"
-        } else if ended {
-            "missing"
+        let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+        for r in &mine {
+            active |= r.state.is_active();
+            running |= r.state == JobState::Running;
+            ended |= !r.state.is_active();
+            *counts.entry(r.state.to_string()).or_default() += 1;
+        }
+        let reason = mine
+            .iter()
+            .find(|r| r.state == JobState::Pending && r.reason != "None")
+            .map(|r| format!(" ({})", r.reason))
+            .unwrap_or_default();
+        if mine.len() == 1 && mine[0].task.is_none() {
+            parts.push(format!("{job} {}{reason}", mine[0].state));
         } else {
-            "submitted"
-        };
-        let mut details = format!(
-            "slurm job {}{}",
-            parts.join(", "),
-            if rec.attempt > 1 {
-                format!(" attempt {}", rec.attempt)
-            } else {
-                String::new()
-            }
-        );
-        if rec.detached {
-            details.push_str(" (detached)");
+            let c: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+            parts.push(format!("{job} [{}]{reason}", c.join(", ")));
         }
-        if !active {
-            details.push_str(&format!(" logs {}", rec.log_dir.display()));
-        }
-        out.insert(stage, (status.to_string(), details));
     }
-    out
+    let status = if running {
+        "running"
+    } else if active {
+        "queued"
+    } else if ended {
+        "missing"
+    } else {
+        "submitted"
+    };
+    let mut details = format!(
+        "slurm job {}{}",
+        parts.join(", "),
+        if rec.attempt > 1 {
+            format!(" attempt {}", rec.attempt)
+        } else {
+            String::new()
+        }
+    );
+    if rec.detached {
+        details.push_str(" (detached)");
+    }
+    if !active {
+        details.push_str(&format!(" logs {}", rec.log_dir.display()));
+    }
+    (status.to_string(), details)
 }
 
 /// `meduet cancel PIPELINE`.
-pub fn cancel(p: &Pipeline, cache: &Path) -> Result<i32> {
+pub(super) fn cancel(args: CancelArgs, registry: &Registry) -> Result<i32> {
+    let p = load(&args.pipeline, registry)?;
+    cancel_jobs(&p, &cache_dir(&p, &args.cache))
+}
+
+/// Asks the attached runs of `p` on the cache `cache` to stop and scancels the queued or
+/// running jobs of its runs.
+fn cancel_jobs(p: &Pipeline, cache: &Path) -> Result<i32> {
     let Some(store) = Store::open_existing(cache) else {
         println!("no cache at {}: nothing to cancel", cache.display());
         return Ok(0);
@@ -214,24 +239,18 @@ pub fn cancel(p: &Pipeline, cache: &Path) -> Result<i32> {
 
 /// Plans stage `stage` of `p` on the cache `dir` now and returns its spec; `None`
 /// (after printing where it is) when the stage is cached.
-pub fn plan_stage_spec(p: &Pipeline, dir: &Path, stage: &str) -> Result<Option<PathBuf>> {
+pub(super) fn plan_stage_spec(p: &Pipeline, dir: &Path, stage: &str) -> Result<Option<PathBuf>> {
     let store = Store::open_existing(dir)
         .with_context(|| format!("'{}' is not a meduet cache", dir.display()))?;
     let i = p
         .index_of(stage)
         .with_context(|| format!("no stage named '{stage}' (stages: {})", p.stage_names()))?;
     let sel = p.ancestors_of(i);
-    let specs = meduet_engine::plan::write_ready_specs(
-        p,
-        &store,
-        &sel,
-        &[],
-        &crate::commands::cuda_visible,
-    )?;
+    let specs = meduet_engine::plan::write_ready_specs(p, &store, &sel, &[], &cuda_visible)?;
     if let Some((_, spec)) = specs.into_iter().find(|(s, _)| s == stage) {
         return Ok(Some(spec));
     }
-    let planned = meduet_engine::plan::plan(p, &store, &sel, &[], &crate::commands::cuda_visible)?;
+    let planned = meduet_engine::plan::plan(p, &store, &sel, &[], &cuda_visible)?;
     match planned.iter().find(|s| s.name == stage).map(|s| &s.status) {
         Some(StageStatus::Cached { key }) => {
             println!("cached {}", store.object_dir(key).display());
