@@ -1,84 +1,13 @@
 //! The `meduet` binary end to end, on the engine's utility kinds (fast: no tensors).
 //! Crash safety, concurrent runs, corruption, exec-stage, exit codes.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn meduet() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_meduet"));
-    c.env_remove("MEDUET_CACHE").env("MEDUET_LOG", "info");
-    c
-}
-
-fn run_ok(args: &[&str]) -> Output {
-    let out = meduet().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "meduet {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-struct Project {
-    dir: tempfile::TempDir,
-}
-
-impl Project {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-    fn write(&self, rel: &str, t: &str) -> String {
-        let p = self.path(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, t).unwrap();
-        p.to_string_lossy().into_owned()
-    }
-    fn cache(&self) -> PathBuf {
-        self.path(".meduet")
-    }
-    fn objects(&self) -> usize {
-        std::fs::read_dir(self.cache().join("objects"))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-}
-
-/// Successful run records per (stage, item).
-fn succeeded_runs(cache: &Path) -> Vec<String> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(cache.join("runs")).unwrap() {
-        let r: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap();
-        if r["status"] == "succeeded" {
-            v.push(format!(
-                "{}{}",
-                r["stage"].as_str().unwrap(),
-                r["item"]
-                    .as_str()
-                    .map(|i| format!("[{i}]"))
-                    .unwrap_or_default()
-            ));
-        }
-    }
-    v.sort();
-    v
-}
+use common::{meduet, read_json, run_ok, succeeded_runs, text, Project};
 
 #[test]
 fn sigkill_mid_write_leaves_no_object_and_the_rerun_recomputes() {
@@ -133,8 +62,7 @@ fn sigkill_mid_write_leaves_no_object_and_the_rerun_recomputes() {
         .filter_map(|e| e.ok())
         .collect();
     assert_eq!(leases.len(), 1, "the new run holds the lease");
-    let info: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(leases[0].path()).unwrap()).unwrap();
+    let info = read_json(leases[0].path());
     assert_eq!(
         info["pid"].as_u64().unwrap() as u32,
         again.id(),
@@ -492,10 +420,8 @@ fn a_tampered_spec_is_refused_naming_the_field() {
         .find(|(s, _)| s == "b")
         .unwrap()
         .1;
-    let plan_o: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&spec_o).unwrap()).unwrap();
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&spec_b).unwrap()).unwrap();
+    let plan_o = read_json(&spec_o);
+    let mut v = read_json(&spec_b);
     v["inputs"]["text"][0]["key"] = plan_o["key"].clone();
     v["inputs"]["text"][0]["stage"] = "o".into();
     v["inputs"]["text"][0]["digest"] = "ab".repeat(32).into();

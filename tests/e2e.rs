@@ -5,33 +5,13 @@
 //!
 //! Run alone with `cargo test --release --test e2e`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn meduet() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_meduet"));
-    c.env_remove("MEDUET_CACHE").env("MEDUET_LOG", "info");
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn run_ok(args: &[&str]) -> Output {
-    let out = meduet().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "meduet {args:?} failed:\n{}",
-        text(&out)
-    );
-    out
-}
+use common::{meduet, read_json, run_ok, text};
 
 fn python() -> PathBuf {
     meduet_stages::testing::python()
@@ -141,8 +121,7 @@ fn tiny_method_pipeline_end_to_end() {
 
     // Probe outputs exist and are well formed.
     let report = object_of(d.path(), "tiny.toml", "probe").join("out/report");
-    let j: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(report.join("probe.json")).unwrap()).unwrap();
+    let j = read_json(report.join("probe.json"));
     for f in ["content", "style"] {
         let r = &j[format!("domain_from_{f}")];
         let acc = r["probe"]["accuracy"].as_f64().unwrap();
@@ -171,8 +150,7 @@ fn tiny_method_pipeline_end_to_end() {
 
     // Latents open in zarr-python with the documented layout and attributes.
     let enc = object_of(d.path(), "tiny.toml", "encode");
-    let refs: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(enc.join("refs.json")).unwrap()).unwrap();
+    let refs = read_json(enc.join("refs.json"));
     let first_key = refs["keys"][0].as_str().unwrap();
     let latent = enc
         .parent()
@@ -515,8 +493,7 @@ fn vae_training_reduces_loss_and_reconstructs_heldout_volumes() {
         last < VAE_L1_RATIO_FLOOR * first,
         "L1 {first:.4} -> {last:.4}"
     );
-    let eval: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(vae.join("eval.json")).unwrap()).unwrap();
+    let eval = read_json(vae.join("eval.json"));
     let psnr = eval["psnr"].as_f64().unwrap();
     let floor = eval["psnr_constant"].as_f64().unwrap();
     println!(

@@ -10,10 +10,14 @@
 //! node of the cluster is this machine, as the local one's is: so the tests pass from a
 //! clone under /tmp too, and two tests check both sides of the rule.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{read_json, succeeded_runs, text, Project};
 
 fn sbatch_available() -> bool {
     let found = std::env::var_os("PATH")
@@ -38,30 +42,15 @@ macro_rules! require_slurm {
     };
 }
 
+/// `meduet` without colours in its logs (the tests read their columns).
 fn meduet() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_meduet"));
-    c.env_remove("MEDUET_CACHE")
-        .env("MEDUET_LOG", "info")
-        .env("NO_COLOR", "1");
+    let mut c = common::meduet();
+    c.env("NO_COLOR", "1");
     c
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn run_ok(args: &[&str]) -> Output {
-    let out = meduet().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "meduet {args:?} failed:\n{}",
-        text(&out)
-    );
-    out
+    common::output_ok(meduet(), args)
 }
 
 fn spawn(args: &[&str]) -> Child {
@@ -74,47 +63,25 @@ fn spawn(args: &[&str]) -> Child {
 }
 
 /// A pipeline folder on a filesystem the (local) cluster sees: Cargo's target tmp.
-struct Project {
-    dir: tempfile::TempDir,
+fn project() -> Project {
+    Project::in_target_tmp("slurm-")
 }
 
-impl Project {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::Builder::new()
-                .prefix("slurm-")
-                .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-                .unwrap(),
-        }
-    }
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-    fn write(&self, rel: &str, t: &str) -> String {
-        let p = self.path(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, t).unwrap();
-        p.to_string_lossy().into_owned()
-    }
-    fn cache(&self) -> PathBuf {
-        self.path(".meduet")
-    }
-    /// The latest job ids the ledger records for a stage.
-    fn stage_jobs(&self, pipeline: &str, stage: &str) -> Option<Vec<String>> {
-        let p = self
-            .cache()
-            .join("slurm/stages")
-            .join(pipeline)
-            .join(format!("{stage}.json"));
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
-        Some(
-            v["jobs"]
-                .as_array()?
-                .iter()
-                .map(|j| j.as_str().unwrap().to_string())
-                .collect(),
-        )
-    }
+/// The latest job ids the ledger records for a stage.
+fn stage_jobs(pr: &Project, pipeline: &str, stage: &str) -> Option<Vec<String>> {
+    let p = pr
+        .cache()
+        .join("slurm/stages")
+        .join(pipeline)
+        .join(format!("{stage}.json"));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+    Some(
+        v["jobs"]
+            .as_array()?
+            .iter()
+            .map(|j| j.as_str().unwrap().to_string())
+            .collect(),
+    )
 }
 
 /// A fast poll for tests (the default, 5 s, is what clusters want).
@@ -134,27 +101,6 @@ fn submissions(out: &str) -> BTreeMap<String, usize> {
     m
 }
 
-/// Successful run records per (stage, item).
-fn succeeded_runs(cache: &Path) -> Vec<String> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(cache.join("runs")).unwrap() {
-        let r: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap();
-        if r["status"] == "succeeded" {
-            v.push(format!(
-                "{}{}",
-                r["stage"].as_str().unwrap(),
-                r["item"]
-                    .as_str()
-                    .map(|i| format!("[{i}]"))
-                    .unwrap_or_default()
-            ));
-        }
-    }
-    v.sort();
-    v
-}
-
 /// Every file under `objects/*/out/` and every manifest's outputs, by path.
 fn object_contents(cache: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut m = BTreeMap::new();
@@ -168,7 +114,7 @@ fn object_contents(cache: &Path) -> BTreeMap<String, Vec<u8>> {
         if rel.contains("/out/") {
             m.insert(rel, std::fs::read(&e).unwrap());
         } else if rel.ends_with("/manifest.json") {
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&e).unwrap()).unwrap();
+            let v = read_json(&e);
             m.insert(rel, serde_json::to_vec(&v["outputs"]).unwrap());
         }
     }
@@ -227,10 +173,7 @@ fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 fn running_job(pr: &Project, pipeline: &str, stage: &str) -> String {
     let mut job = String::new();
     wait_until(60, &format!("stage {stage} runs"), || {
-        match pr
-            .stage_jobs(pipeline, stage)
-            .and_then(|j| j.last().cloned())
-        {
+        match stage_jobs(pr, pipeline, stage).and_then(|j| j.last().cloned()) {
             Some(j) if squeue_state(&j) == "RUNNING" => {
                 job = j;
                 true
@@ -244,7 +187,7 @@ fn running_job(pr: &Project, pipeline: &str, stage: &str) -> String {
 #[test]
 fn pipeline_under_slurm_is_byte_identical_to_local_and_a_rerun_submits_nothing() {
     require_slurm!();
-    let pr = Project::new();
+    let pr = project();
     let body = r#"
 [stages.phantom]
 kind = "phantom"
@@ -341,7 +284,7 @@ op = "upper"
 #[test]
 fn killed_job_is_resubmitted_and_resumes() {
     require_slurm!();
-    let pr = Project::new();
+    let pr = project();
     let p = pr.write(
         "p.toml",
         &format!("{FAST}[stages.slow]\nkind = \"wait\"\nsteps = 8\nstep_ms = 500\n"),
@@ -364,7 +307,7 @@ fn killed_job_is_resubmitted_and_resumes() {
             && t.contains("resubmitting (attempt 2 of 3)"),
         "{t}"
     );
-    let jobs = pr.stage_jobs("p", "slow").unwrap();
+    let jobs = stage_jobs(&pr, "p", "slow").unwrap();
     assert_eq!(
         jobs.len(),
         2,
@@ -376,14 +319,14 @@ fn killed_job_is_resubmitted_and_resumes() {
         .into_iter()
         .find(|f| f.ends_with("metrics.json"))
         .unwrap();
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(rec).unwrap()).unwrap();
+    let m = read_json(rec);
     assert!(m["resumed_at"].as_u64().unwrap() > 0, "{m}");
 }
 
 #[test]
 fn timed_out_job_is_resubmitted_and_finishes() {
     require_slurm!();
-    let pr = Project::new();
+    let pr = project();
     // Slurm's smallest limit is one minute, enforced within 30 s after it: 95 steps of
     // one second outlive the first job; the second resumes from the checkpoint.
     let p = pr.write(
@@ -402,7 +345,7 @@ fn timed_out_job_is_resubmitted_and_finishes() {
         t.contains("hit its time limit (TIMEOUT); resubmitting (attempt 2 of 3)"),
         "{t}"
     );
-    let jobs = pr.stage_jobs("p", "long").unwrap();
+    let jobs = stage_jobs(&pr, "p", "long").unwrap();
     assert_eq!(job_field(&jobs[0], "JobState"), "TIMEOUT");
     assert_eq!(job_field(&jobs[0], "TimeLimit"), "00:01:00");
     assert_eq!(job_field(&jobs[1], "JobState"), "COMPLETED");
@@ -411,7 +354,7 @@ fn timed_out_job_is_resubmitted_and_finishes() {
 #[test]
 fn deterministic_failure_reports_the_log_tail_and_never_submits_dependents() {
     require_slurm!();
-    let pr = Project::new();
+    let pr = project();
     let p = pr.write(
         "p.toml",
         &format!(
@@ -457,13 +400,13 @@ inputs = {{ text = "g.text" }}
         t.contains("g                        not submitted: upstream stage 'f' did not complete"),
         "{t}"
     );
-    assert!(pr.stage_jobs("p", "g").is_none() && pr.stage_jobs("p", "h").is_none());
+    assert!(stage_jobs(&pr, "p", "g").is_none() && stage_jobs(&pr, "p", "h").is_none());
 }
 
 #[test]
 fn two_concurrent_drivers_submit_each_stage_once() {
     require_slurm!();
-    let pr = Project::new();
+    let pr = project();
     let p = pr.write(
         "p.toml",
         &format!(
@@ -529,7 +472,7 @@ inputs = {{ parts = ["b.text", "a.text"] }}
 #[test]
 fn gpu_stage_asks_sbatch_for_a_gpu_and_a_refusal_is_reported() {
     require_slurm!();
-    let pr = Project::new();
+    let pr = project();
     let p = pr.write(
         "p.toml",
         &format!(
@@ -573,7 +516,7 @@ fn gpu_stage_asks_sbatch_for_a_gpu_and_a_refusal_is_reported() {
 #[test]
 fn detached_chain_runs_in_order_then_status_reports_everything_cached() {
     require_slurm!();
-    let pr = Project::new();
+    let pr = project();
     let p = pr.write(
         "p.toml",
         &format!(
@@ -663,7 +606,7 @@ op = "lower"
 #[test]
 fn status_shows_running_jobs_and_cancel_scancels_them() {
     require_slurm!();
-    let pr = Project::new();
+    let pr = project();
     let p = pr.write(
         "p.toml",
         &format!("{FAST}[stages.slow]\nkind = \"wait\"\nsteps = 60\nstep_ms = 500\n"),
@@ -692,7 +635,7 @@ fn status_shows_running_jobs_and_cancel_scancels_them() {
         squeue_state(&job) == "CANCELLED"
     });
     assert_eq!(
-        pr.stage_jobs("p", "slow").unwrap().len(),
+        stage_jobs(&pr, "p", "slow").unwrap().len(),
         1,
         "not resubmitted"
     );
@@ -708,7 +651,7 @@ fn status_shows_running_jobs_and_cancel_scancels_them() {
 #[test]
 fn ctrl_c_scancels_what_the_run_submitted() {
     require_slurm!();
-    let pr = Project::new();
+    let pr = project();
     let p = pr.write(
         "p.toml",
         &format!("{FAST}[stages.slow]\nkind = \"wait\"\nsteps = 60\nstep_ms = 500\n"),
