@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::pipelines::{text_stage, text_then_upper, two_branches};
 use common::{meduet, read_json, run_ok, succeeded_runs, text, Project};
 
 #[test]
@@ -118,29 +119,7 @@ fn killed_run_then_fast_rerun_succeeds() {
 #[test]
 fn two_concurrent_runs_compute_each_stage_once() {
     let pr = Project::new();
-    let p = pr.write(
-        "p.toml",
-        r#"
-[stages.a]
-kind = "text"
-text = "one\ntwo\nthree"
-delay_ms = 600
-[stages.split]
-kind = "split_lines"
-inputs = { text = "a.text" }
-[stages.up]
-kind = "map_lines"
-inputs = { lines = "split.lines" }
-op = "upper"
-[stages.b]
-kind = "text"
-text = "independent"
-delay_ms = 600
-[stages.join]
-kind = "concat"
-inputs = { parts = ["b.text", "a.text"] }
-"#,
-    );
+    let p = pr.write("p.toml", &two_branches(600));
     let spawn = || {
         meduet()
             .args(["run", &p])
@@ -198,8 +177,8 @@ fn object_with_text(pr: &Project, want: &str) -> PathBuf {
 fn a_corrupt_input_is_refused_and_recomputed_never_spread() {
     use std::os::unix::fs::PermissionsExt;
     let pr = Project::new();
-    let a = "[stages.a]\nkind = \"text\"\ntext = \"precious data\"\n";
-    let p = pr.write("p.toml", a);
+    let a = text_stage("precious data");
+    let p = pr.write("p.toml", &a);
     run_ok(&["run", &p]);
     let obj = object_with_text(&pr, "precious data");
     let f = obj.join("out/text/text.txt");
@@ -265,7 +244,7 @@ fn a_corrupt_input_is_refused_and_recomputed_never_spread() {
 #[test]
 fn corrupt_object_is_reported_and_recomputed() {
     let pr = Project::new();
-    let p = pr.write("p.toml", "[stages.a]\nkind = \"text\"\ntext = \"precious data\"\n[stages.b]\nkind = \"transform\"\ninputs = { text = \"a.text\" }\nop = \"upper\"\n");
+    let p = pr.write("p.toml", &text_then_upper("precious data"));
     run_ok(&["run", &p]);
     let clean = run_ok(&["verify", &p]);
     assert!(
@@ -309,7 +288,7 @@ fn corrupt_object_is_reported_and_recomputed() {
 #[test]
 fn exec_stage_runs_a_planned_spec_idempotently() {
     let pr = Project::new();
-    let p = pr.write("p.toml", "[stages.a]\nkind = \"text\"\ntext = \"x\"\n[stages.b]\nkind = \"transform\"\ninputs = { text = \"a.text\" }\nop = \"upper\"\n");
+    let p = pr.write("p.toml", &text_then_upper("x"));
     let out = run_ok(&["plan", &p, "--specs"]);
     let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -369,7 +348,13 @@ fn ready_specs(p: &str) -> Vec<(String, String)> {
 #[test]
 fn a_tampered_spec_is_refused_naming_the_field() {
     let pr = Project::new();
-    let p = pr.write("p.toml", "[stages.a]\nkind = \"text\"\ntext = \"original\"\n[stages.b]\nkind = \"transform\"\ninputs = { text = \"a.text\" }\nop = \"upper\"\n[stages.o]\nkind = \"text\"\ntext = \"other\"\n");
+    let p = pr.write(
+        "p.toml",
+        &format!(
+            "{}[stages.o]\nkind = \"text\"\ntext = \"other\"\n",
+            text_then_upper("original")
+        ),
+    );
     let specs = ready_specs(&p);
     let spec_a = &specs.iter().find(|(s, _)| s == "a").unwrap().1;
     let original = std::fs::read(spec_a).unwrap();
@@ -482,9 +467,9 @@ fn failing_stage_exits_nonzero_naming_it() {
 #[test]
 fn gc_removes_what_no_pipeline_uses() {
     let pr = Project::new();
-    let p = pr.write("p.toml", "[stages.a]\nkind = \"text\"\ntext = \"v1\"\n");
+    let p = pr.write("p.toml", &text_stage("v1"));
     run_ok(&["run", &p]);
-    pr.write("p.toml", "[stages.a]\nkind = \"text\"\ntext = \"v2\"\n");
+    pr.write("p.toml", &text_stage("v2"));
     run_ok(&["run", &p]);
     assert_eq!(pr.objects(), 2);
     let dry = run_ok(&["gc", &p, "--dry-run"]);

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::pipelines::{text_stage, two_branches};
 use common::{read_json, succeeded_runs, text, Project};
 
 fn sbatch_available() -> bool {
@@ -407,31 +408,7 @@ inputs = {{ text = "g.text" }}
 fn two_concurrent_drivers_submit_each_stage_once() {
     require_slurm!();
     let pr = project();
-    let p = pr.write(
-        "p.toml",
-        &format!(
-            r#"{FAST}
-[stages.a]
-kind = "text"
-text = "one\ntwo\nthree"
-delay_ms = 1500
-[stages.split]
-kind = "split_lines"
-inputs = {{ text = "a.text" }}
-[stages.up]
-kind = "map_lines"
-inputs = {{ lines = "split.lines" }}
-op = "upper"
-[stages.b]
-kind = "text"
-text = "independent"
-delay_ms = 1500
-[stages.join]
-kind = "concat"
-inputs = {{ parts = ["b.text", "a.text"] }}
-"#
-        ),
-    );
+    let p = pr.write("p.toml", &format!("{FAST}{}", two_branches(1500)));
     let (c1, c2) = (
         spawn(&["run", &p, "--executor", "slurm"]),
         spawn(&["run", &p, "--executor", "slurm"]),
@@ -674,7 +651,7 @@ fn a_cache_in_a_temporary_folder_is_used_when_every_node_is_this_machine() {
     require_slurm!();
     let d = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
     let p = d.path().join("p.toml");
-    std::fs::write(&p, "[stages.a]\nkind = \"text\"\ntext = \"x\"\n").unwrap();
+    std::fs::write(&p, text_stage("x")).unwrap();
     let out = run_ok(&["run", p.to_str().unwrap(), "--executor", "slurm"]);
     let t = text(&out);
     assert!(
@@ -708,7 +685,7 @@ fn a_cache_in_a_temporary_folder_is_refused_on_a_multi_node_cluster() {
         std::env::var("PATH").unwrap_or_default()
     );
     let p = d.path().join("p.toml");
-    std::fs::write(&p, "[stages.a]\nkind = \"text\"\ntext = \"x\"\n").unwrap();
+    std::fs::write(&p, text_stage("x")).unwrap();
     let out = meduet()
         .env("PATH", path)
         .args(["run", p.to_str().unwrap(), "--executor", "slurm"])

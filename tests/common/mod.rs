@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests of the `meduet` binary (`tests/cli.rs`,
 //! `tests/e2e.rs`, `tests/slurm.rs`): running the binary, reading its outputs, pipeline
-//! folders.
+//! folders, and (in [`pipelines`]) the small pipelines several of them run.
 //!
 //! Each test file declares `mod common;` and uses the part it needs. Paths come from
 //! Cargo (`CARGO_BIN_EXE_meduet`, `CARGO_TARGET_TMPDIR`) and temporary folders, never
@@ -8,6 +8,8 @@
 
 // Each test file uses a part of these helpers.
 #![allow(dead_code)]
+
+pub mod pipelines;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
