@@ -21,9 +21,7 @@ pub(super) fn doctor(args: DoctorArgs, registry: &Registry) -> Result<i32> {
     );
     println!(
         "cores         {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        meduet_engine::resources::machine_threads()
     );
     print_torch();
     let dir = match (&args.cache.cache, &args.pipeline) {

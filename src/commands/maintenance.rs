@@ -19,6 +19,12 @@ pub(super) fn gc(args: GcArgs, registry: &Registry) -> Result<i32> {
     for (stage, (n, bytes)) in &r.removed_by_stage {
         println!("  {stage:<24} {n:>6} object(s) {:>12}", human_bytes(*bytes));
     }
+    if r.live_roots > 0 {
+        println!(
+            "kept what {} running process(es) use (their live roots; `meduet status` lists them)",
+            r.live_roots
+        );
+    }
     Ok(0)
 }
 

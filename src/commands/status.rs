@@ -46,6 +46,20 @@ pub(super) fn status(args: StatusArgs, registry: &Registry) -> Result<i32> {
             }
         );
     }
+    let live = store.live_roots();
+    if !live.is_empty() {
+        println!("processes using this cache (their keys are kept by gc):");
+        for (info, age) in live {
+            println!(
+                "  {:<32} pid {} on {}, {} key(s), heartbeat {:.0}s ago",
+                info.holder,
+                info.pid,
+                info.host,
+                info.keys.len(),
+                age.as_secs_f64()
+            );
+        }
+    }
     Ok(0)
 }
 
@@ -54,7 +68,7 @@ pub(super) fn status(args: StatusArgs, registry: &Registry) -> Result<i32> {
 /// gone, else "missing" (or "pending" while its upstream is not computed).
 fn cache_status(store: &Store, status: &StageStatus) -> (String, String) {
     match status {
-        StageStatus::Cached { key } => ("cached".to_string(), format!("{}", key.short())),
+        StageStatus::Cached { key } => ("cached".to_string(), key.short().to_string()),
         StageStatus::WillRun {
             key: Some(key),
             items,

@@ -302,6 +302,9 @@ optim = { kind = "sgd" }
         let sgd = optim("sgd");
         assert_eq!(sgd["kind"], "sgd");
         assert!(sgd.get("betas").is_none(), "{sgd}");
-        assert_eq!((sgd["lr"].as_f64(), sgd["momentum"].as_f64()), (Some(2e-4), Some(0.9)));
+        assert_eq!(
+            (sgd["lr"].as_f64(), sgd["momentum"].as_f64()),
+            (Some(2e-4), Some(0.9))
+        );
     }
 }
