@@ -432,6 +432,52 @@ impl Training {
     }
 }
 
+/// Implements `training()` on a training kind's parameters, which hold `steps, seed, amp,
+/// checkpoint_every, grad_clip, optim, schedule`.
+macro_rules! training_params {
+    ($params:ty) => {
+        impl $params {
+            /// The shared training configuration (after `Stage::resolve`).
+            pub fn training(&self) -> Result<$crate::training::Training, String> {
+                $crate::training::Training::new(
+                    self.steps,
+                    self.seed,
+                    self.amp,
+                    self.checkpoint_every,
+                    self.grad_clip,
+                    &self.optim,
+                    &self.schedule,
+                )
+            }
+        }
+    };
+}
+pub(crate) use training_params;
+
+/// The `Stage` methods every training kind shares, inside its `impl Stage`: the device
+/// class in the key for fp16, the kind's defaults (`$defaults`: parameters ->
+/// [`TrainingDefaults`]) filled before hashing, then `$after` (more defaults), the moved
+/// spellings `$moved`, and the trainer version.
+macro_rules! training_stage {
+    ($params:ty, $defaults:expr, $moved:expr $(, $after:expr)?) => {
+        fn device_dependent(&self, p: &$params) -> bool {
+            p.amp == $crate::training::Amp::Fp16
+        }
+        fn resolve(&self, p: &mut $params) {
+            let defaults: $crate::training::TrainingDefaults = ($defaults)(&*p);
+            defaults.fill(&mut p.optim, &mut p.schedule);
+            $( ($after)(p); )?
+        }
+        fn moved_params(&self) -> &'static [(&'static str, &'static str)] {
+            $moved
+        }
+        fn code_versions(&self) -> &'static [(&'static str, u32)] {
+            $crate::training::TRAINER_CODE
+        }
+    };
+}
+pub(crate) use training_stage;
+
 /// What every training kind returns from `Stage::code_versions`.
 pub const TRAINER_CODE: &[(&str, u32)] = &[("trainer", TRAINER_VERSION)];
 

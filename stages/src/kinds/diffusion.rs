@@ -25,8 +25,8 @@ use crate::kinds::pretrain::{FACTORS, MEDUET};
 use crate::kinds::resample::VOLUMES;
 use crate::kinds::vae::{LATENTS, TORCH, VAE};
 use crate::training::{
-    Amp, OptimConfig, ResolvedOptim, ResolvedSchedule, ScheduleConfig, Training, TrainingDefaults,
-    TRAINER_CODE,
+    training_params, training_stage, Amp, OptimConfig, ResolvedOptim, ResolvedSchedule,
+    ScheduleConfig, TrainingDefaults,
 };
 
 /// A trained latent diffusion model.
@@ -223,20 +223,7 @@ const DIFFUSION_MOVED: &[(&str, &str)] = &[
     ("beta_end", "noise_schedule.beta_end (the DDPM schedule)"),
 ];
 
-impl DiffusionTrainParams {
-    /// The shared training configuration (after `Stage::resolve`).
-    pub fn training(&self) -> Result<Training, String> {
-        Training::new(
-            self.steps,
-            self.seed,
-            self.amp,
-            self.checkpoint_every,
-            self.grad_clip,
-            &self.optim,
-            &self.schedule,
-        )
-    }
-}
+training_params!(DiffusionTrainParams);
 
 pub fn snapshot_file(step: u64) -> String {
     format!("snapshots/step_{step:07}.safetensors")
@@ -303,18 +290,11 @@ impl Stage for DiffusionTrain {
     fn seed(&self, p: &DiffusionTrainParams) -> Option<u64> {
         Some(p.seed)
     }
-    fn device_dependent(&self, p: &DiffusionTrainParams) -> bool {
-        p.amp == Amp::Fp16
-    }
-    fn resolve(&self, p: &mut DiffusionTrainParams) {
-        DIFFUSION_TRAINING.fill(&mut p.optim, &mut p.schedule);
-    }
-    fn moved_params(&self) -> &'static [(&'static str, &'static str)] {
+    training_stage!(
+        DiffusionTrainParams,
+        |_: &DiffusionTrainParams| DIFFUSION_TRAINING,
         DIFFUSION_MOVED
-    }
-    fn code_versions(&self) -> &'static [(&'static str, u32)] {
-        TRAINER_CODE
-    }
+    );
     fn resolved(&self, p: &DiffusionTrainParams) -> Option<serde_json::Value> {
         dit_config(p.preset, &p.model)
             .ok()

@@ -111,6 +111,17 @@ mod tests {
         assert_eq!(diffusion::Sample.resolved(&Default::default()), None);
     }
 
+    /// Phantoms to resampled volumes: what a training stage of the tests below reads.
+    const PHANTOM_TO_VOLUMES: &str = r#"[stages.phantom]
+kind = "phantom"
+[stages.ingest]
+kind = "ingest"
+inputs = { datasets = "phantom.datasets" }
+[stages.resample]
+kind = "resample"
+inputs = { subjects = "ingest.subjects" }
+"#;
+
     fn params(kind: &str, toml_text: &str) -> Result<serde_json::Value, (String, String)> {
         let r = crate::registry();
         r.get(kind)
@@ -214,16 +225,9 @@ mod tests {
         let file = dir.path().join("p.toml");
         std::fs::write(
             &file,
-            r#"
-name = "device_class"
-[stages.phantom]
-kind = "phantom"
-[stages.ingest]
-kind = "ingest"
-inputs = { datasets = "phantom.datasets" }
-[stages.resample]
-kind = "resample"
-inputs = { subjects = "ingest.subjects" }
+            format!(
+                "name = \"device_class\"\n{PHANTOM_TO_VOLUMES}{}",
+                r#"
 [stages.fp16]
 kind = "vae_train"
 inputs = { volumes = "resample.volumes" }
@@ -235,7 +239,8 @@ amp = "off"
 kind = "vae_train"
 inputs = { volumes = "resample.volumes" }
 resources = { device = "cpu" }
-"#,
+"#
+            ),
         )
         .unwrap();
         let p = meduet_engine::Pipeline::load(&file, &crate::registry()).unwrap();
@@ -273,15 +278,9 @@ resources = { device = "cpu" }
         let file = dir.path().join("p.toml");
         std::fs::write(
             &file,
-            r#"
-[stages.phantom]
-kind = "phantom"
-[stages.ingest]
-kind = "ingest"
-inputs = { datasets = "phantom.datasets" }
-[stages.resample]
-kind = "resample"
-inputs = { subjects = "ingest.subjects" }
+            format!(
+                "{PHANTOM_TO_VOLUMES}{}",
+                r#"
 [stages.base]
 kind = "vae_train"
 inputs = { volumes = "resample.volumes" }
@@ -292,7 +291,8 @@ optim.lr = 2e-3
 [stages.sgd]
 extends = "base"
 optim = { kind = "sgd" }
-"#,
+"#
+            ),
         )
         .unwrap();
         let p = meduet_engine::Pipeline::load(&file, &crate::registry()).unwrap();

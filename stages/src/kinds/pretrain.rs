@@ -22,8 +22,8 @@ use crate::kinds::preset::apply_overrides;
 use crate::kinds::vae::{LATENTS, TORCH};
 use crate::sampling::{Augment, Sampling};
 use crate::training::{
-    Amp, OptimConfig, ResolvedOptim, ResolvedSchedule, ScheduleConfig, Training, TrainingDefaults,
-    MOVED_PARAMS, TRAINER_CODE,
+    training_params, training_stage, Amp, OptimConfig, ResolvedOptim, ResolvedSchedule,
+    ScheduleConfig, TrainingDefaults, MOVED_PARAMS,
 };
 
 /// A pretrained MeDUET model.
@@ -130,20 +130,7 @@ pub const PRETRAIN_TRAINING: TrainingDefaults = TrainingDefaults {
     schedule: ResolvedSchedule::cosine(15),
 };
 
-impl PretrainParams {
-    /// The shared training configuration (after `Stage::resolve`).
-    pub fn training(&self) -> Result<Training, String> {
-        Training::new(
-            self.steps,
-            self.seed,
-            self.amp,
-            self.checkpoint_every,
-            self.grad_clip,
-            &self.optim,
-            &self.schedule,
-        )
-    }
-}
+training_params!(PretrainParams);
 
 impl Stage for Pretrain {
     type Params = PretrainParams;
@@ -178,18 +165,11 @@ impl Stage for Pretrain {
     fn seed(&self, p: &PretrainParams) -> Option<u64> {
         Some(p.seed)
     }
-    fn device_dependent(&self, p: &PretrainParams) -> bool {
-        p.amp == Amp::Fp16
-    }
-    fn resolve(&self, p: &mut PretrainParams) {
-        PRETRAIN_TRAINING.fill(&mut p.optim, &mut p.schedule);
-    }
-    fn moved_params(&self) -> &'static [(&'static str, &'static str)] {
+    training_stage!(
+        PretrainParams,
+        |_: &PretrainParams| PRETRAIN_TRAINING,
         MOVED_PARAMS
-    }
-    fn code_versions(&self) -> &'static [(&'static str, u32)] {
-        TRAINER_CODE
-    }
+    );
     fn resolved(&self, p: &PretrainParams) -> Option<serde_json::Value> {
         meduet_config(p.preset, &p.model)
             .ok()

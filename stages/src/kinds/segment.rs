@@ -41,8 +41,8 @@ use crate::segmentation::sampler::SegAugment;
 use crate::segmentation::splits::LabelFraction;
 use crate::segmentation::style_augment::StyleAugmentParams;
 use crate::training::{
-    Amp, OptimConfig, ResolvedOptim, ResolvedSchedule, ScheduleConfig, Training, TrainingDefaults,
-    MOVED_PARAMS, TRAINER_CODE,
+    training_params, training_stage, Amp, OptimConfig, ResolvedOptim, ResolvedSchedule,
+    ScheduleConfig, TrainingDefaults, MOVED_PARAMS,
 };
 
 /// A trained segmentation network.
@@ -260,6 +260,8 @@ impl Default for SegmentTrainParams {
     }
 }
 
+training_params!(SegmentTrainParams);
+
 impl SegmentTrainParams {
     /// The optimiser and schedule of the network when the pipeline file does not say.
     pub fn training_defaults(&self) -> TrainingDefaults {
@@ -273,19 +275,6 @@ impl SegmentTrainParams {
                 schedule: ResolvedSchedule::cosine(15),
             },
         }
-    }
-
-    /// The shared training configuration (after `Stage::resolve`).
-    pub fn training(&self) -> Result<Training, String> {
-        Training::new(
-            self.steps,
-            self.seed,
-            self.amp,
-            self.checkpoint_every,
-            self.grad_clip,
-            &self.optim,
-            &self.schedule,
-        )
     }
 
     /// The probability that a crop is centred on foreground (after `Stage::resolve`).
@@ -361,19 +350,14 @@ impl Stage for SegmentTrain {
     fn seed(&self, p: &SegmentTrainParams) -> Option<u64> {
         Some(p.seed)
     }
-    fn device_dependent(&self, p: &SegmentTrainParams) -> bool {
-        p.amp == Amp::Fp16
-    }
-    fn resolve(&self, p: &mut SegmentTrainParams) {
-        p.training_defaults().fill(&mut p.optim, &mut p.schedule);
-        p.fg_fraction = Some(p.fg_fraction());
-    }
-    fn moved_params(&self) -> &'static [(&'static str, &'static str)] {
-        MOVED_PARAMS
-    }
-    fn code_versions(&self) -> &'static [(&'static str, u32)] {
-        TRAINER_CODE
-    }
+    training_stage!(
+        SegmentTrainParams,
+        |p: &SegmentTrainParams| p.training_defaults(),
+        MOVED_PARAMS,
+        |p: &mut SegmentTrainParams| {
+            p.fg_fraction = Some(p.fg_fraction());
+        }
+    );
     fn resolved(&self, p: &SegmentTrainParams) -> Option<serde_json::Value> {
         match p.network {
             Network::Unetr => p.unetr.resolved(),
@@ -548,20 +532,7 @@ pub const CLASSIFY_TRAINING: TrainingDefaults = TrainingDefaults {
     schedule: ResolvedSchedule::cosine(10),
 };
 
-impl ClassifyTrainParams {
-    /// The shared training configuration (after `Stage::resolve`).
-    pub fn training(&self) -> Result<Training, String> {
-        Training::new(
-            self.steps,
-            self.seed,
-            self.amp,
-            self.checkpoint_every,
-            self.grad_clip,
-            &self.optim,
-            &self.schedule,
-        )
-    }
-}
+training_params!(ClassifyTrainParams);
 
 /// `classify_train`.
 pub struct ClassifyTrain;
@@ -603,18 +574,11 @@ impl Stage for ClassifyTrain {
     fn seed(&self, p: &ClassifyTrainParams) -> Option<u64> {
         Some(p.seed)
     }
-    fn device_dependent(&self, p: &ClassifyTrainParams) -> bool {
-        p.amp == Amp::Fp16
-    }
-    fn resolve(&self, p: &mut ClassifyTrainParams) {
-        CLASSIFY_TRAINING.fill(&mut p.optim, &mut p.schedule);
-    }
-    fn moved_params(&self) -> &'static [(&'static str, &'static str)] {
+    training_stage!(
+        ClassifyTrainParams,
+        |_: &ClassifyTrainParams| CLASSIFY_TRAINING,
         MOVED_PARAMS
-    }
-    fn code_versions(&self) -> &'static [(&'static str, u32)] {
-        TRAINER_CODE
-    }
+    );
     fn resolved(&self, p: &ClassifyTrainParams) -> Option<serde_json::Value> {
         p.unetr.resolved()
     }

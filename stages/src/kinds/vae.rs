@@ -27,8 +27,8 @@ use crate::kinds::preset::apply_overrides;
 use crate::kinds::resample::VOLUMES;
 use crate::sampling::Augment;
 use crate::training::{
-    Amp, OptimConfig, ResolvedOptim, ResolvedSchedule, ScheduleConfig, Training, TrainingDefaults,
-    MOVED_PARAMS, TRAINER_CODE,
+    training_params, training_stage, Amp, OptimConfig, ResolvedOptim, ResolvedSchedule,
+    ScheduleConfig, TrainingDefaults, MOVED_PARAMS,
 };
 
 /// A trained or imported VAE.
@@ -145,20 +145,7 @@ pub const VAE_TRAINING: TrainingDefaults = TrainingDefaults {
     schedule: ResolvedSchedule::cosine(20),
 };
 
-impl VaeTrainParams {
-    /// The shared training configuration (after `Stage::resolve`).
-    pub fn training(&self) -> Result<Training, String> {
-        Training::new(
-            self.steps,
-            self.seed,
-            self.amp,
-            self.checkpoint_every,
-            self.grad_clip,
-            &self.optim,
-            &self.schedule,
-        )
-    }
-}
+training_params!(VaeTrainParams);
 
 /// `vae_train`.
 pub struct VaeTrain;
@@ -193,18 +180,11 @@ impl Stage for VaeTrain {
     fn seed(&self, p: &VaeTrainParams) -> Option<u64> {
         Some(p.seed)
     }
-    fn device_dependent(&self, p: &VaeTrainParams) -> bool {
-        p.amp == Amp::Fp16
-    }
-    fn resolve(&self, p: &mut VaeTrainParams) {
-        VAE_TRAINING.fill(&mut p.optim, &mut p.schedule);
-    }
-    fn moved_params(&self) -> &'static [(&'static str, &'static str)] {
+    training_stage!(
+        VaeTrainParams,
+        |_: &VaeTrainParams| VAE_TRAINING,
         MOVED_PARAMS
-    }
-    fn code_versions(&self) -> &'static [(&'static str, u32)] {
-        TRAINER_CODE
-    }
+    );
     fn resolved(&self, p: &VaeTrainParams) -> Option<serde_json::Value> {
         vae_config(p.preset, &p.model)
             .ok()
