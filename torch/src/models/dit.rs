@@ -142,7 +142,9 @@ pub struct DitBlock {
 }
 
 impl DitBlock {
-    fn new(vs: &nn::Path, cfg: &Config) -> Self {
+    /// A block with the authors' init under `vs` (`norm1`, `attn`, `norm2`, `mlp`,
+    /// `mod_*`).
+    pub fn new(vs: &nn::Path, cfg: &Config) -> Self {
         let d = cfg.hidden_size;
         let chunks = match cfg.adaln {
             AdaLn::Code => 4,
@@ -439,6 +441,16 @@ impl Dit {
     /// - `x`: `[b, C, X, Y, Z]` (the configured `input_size`); `t`: `[b]`; `emb`: `[b, D]` each
     /// - returns `[b, out_channels, X, Y, Z]`
     pub fn forward_full(&self, x: &Tensor, t: &Tensor, emb: &[Tensor]) -> Result<Tensor, DitError> {
+        self.check_inputs(x, t, emb)?;
+        let (mut h, t_act, acts) = self.prepare(x, t, emb);
+        for b in &self.blocks {
+            h = b.forward(&h, &t_act, &acts);
+        }
+        Ok(self.head(&h, &t_act, &acts))
+    }
+
+    /// Checks the shapes of a forward pass's inputs (as [`Dit::forward_full`]).
+    pub fn check_inputs(&self, x: &Tensor, t: &Tensor, emb: &[Tensor]) -> Result<(), DitError> {
         let s = x.size();
         if s.len() != 5 || s[1] != self.cfg.in_chans || s[2..] != self.cfg.input_size {
             return Err(DitError::Input(format!(
@@ -458,15 +470,35 @@ impl Dit {
                 self.branches()
             )));
         }
-        // [b, T, D]
-        let mut h = self.x_embedder.forward(x) + &self.pos_embed;
+        Ok(())
+    }
+
+    /// What enters the first block: the tokens `x_embedder(x) + pos_embed` `[b, T, D]`,
+    /// `SiLU(t_emb)` `[b, D]` and `SiLU(emb)` per branch (inputs checked by the caller).
+    pub fn prepare(&self, x: &Tensor, t: &Tensor, emb: &[Tensor]) -> (Tensor, Tensor, Vec<Tensor>) {
+        let h = self.x_embedder.forward(x) + &self.pos_embed;
         let t_act = self.t_embedder.forward(t).silu();
-        let acts: Vec<Tensor> = emb.iter().map(|e| e.silu()).collect();
-        for b in &self.blocks {
-            h = b.forward(&h, &t_act, &acts);
+        let acts = emb.iter().map(|e| e.silu()).collect();
+        (h, t_act, acts)
+    }
+
+    /// The blocks, in order.
+    pub fn blocks(&self) -> &[DitBlock] {
+        &self.blocks
+    }
+
+    /// The final layer on the last block's tokens, unpatchified: `[b, out_channels, X, Y, Z]`.
+    pub fn head(&self, h: &Tensor, t_act: &Tensor, acts: &[Tensor]) -> Tensor {
+        self.unpatchify(&self.final_layer.forward(h, t_act, acts))
+    }
+
+    /// The first `C` channels of a full output (the authors drop the sigma half).
+    pub fn keep_prediction(&self, out: Tensor) -> Tensor {
+        if self.cfg.learn_sigma {
+            out.narrow(1, 0, self.cfg.in_chans)
+        } else {
+            out
         }
-        let out = self.final_layer.forward(&h, &t_act, &acts);
-        Ok(self.unpatchify(&out))
     }
 
     /// The network on embedded conditions: the first `C` channels (the authors drop the
@@ -476,11 +508,7 @@ impl Dit {
     /// - returns `[b, C, X, Y, Z]`
     pub fn forward_emb(&self, x: &Tensor, t: &Tensor, emb: &[Tensor]) -> Result<Tensor, DitError> {
         let out = self.forward_full(x, t, emb)?;
-        Ok(if self.cfg.learn_sigma {
-            out.narrow(1, 0, self.cfg.in_chans)
-        } else {
-            out
-        })
+        Ok(self.keep_prediction(out))
     }
 
     /// Embeds `cond` (with dropout masks) and runs [`Dit::forward_emb`].

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod controlnet;
 pub mod conv;
 pub mod discriminator;
 pub mod dit;
