@@ -358,3 +358,277 @@ fn controlnet_matches_pytorch_reference_and_weights_interchange() {
         );
     }
 }
+
+/// The tiny Fig. 6 chain: 4 domains x 3 phantoms at 3 mm, a 6-step VAE, a metadata-
+/// conditioned DiT, a ControlNet on it, masked sampling (flips, a deformation, a dropped
+/// class, styles from other domains, mask guidance 1.5), a U-Net on real data and one on
+/// real + synthetic pairs, their evaluations, mask adherence and the regime table.
+const PIPELINE: &str = r#"
+name = "tiny_controlnet"
+[stages.phantom]
+kind = "phantom"
+domains = 4
+subjects_per_domain = 3
+shape = [48, 48, 40]
+spacing = [3.0, 3.0, 3.0]
+seed = 1
+[stages.ingest]
+kind = "ingest"
+inputs = { datasets = "phantom.datasets" }
+[stages.resample]
+kind = "resample"
+inputs = { subjects = "ingest.subjects" }
+spacing = [3.0, 3.0, 3.0]
+min_size = [64, 64, 64]
+[stages.vae]
+kind = "vae_train"
+inputs = { volumes = "resample.volumes" }
+steps = 6
+crop = [32, 32, 32]
+heldout = 1
+[stages.encode]
+kind = "vae_encode"
+inputs = { vae = "vae.vae", volumes = "resample.volumes" }
+[stages.dit]
+kind = "diffusion_train"
+inputs = { latents = "encode.latents" }
+model = { condition = "metadata" }
+steps = 6
+batch_size = 2
+optim.lr = 1e-3
+schedule.warmup_steps = 2
+[stages.controlnet]
+kind = "controlnet_train"
+inputs = { model = "dit.model", latents = "encode.latents", volumes = "resample.volumes" }
+labels = [1, 2, 3, 4]
+split = { train_domains = ["venous", "arterial", "lowdose"] }
+steps = 6
+batch_size = 2
+optim.lr = 1e-3
+schedule.warmup_steps = 2
+base_weights = "model"
+[stages.synth]
+kind = "controlnet_sample"
+inputs = { model = "dit.model", controlnet = "controlnet.controlnet", vae = "vae.vae", volumes = "resample.volumes" }
+samples_per_mask = 2
+mask_transform = { flip_p = 0.5, elastic = 3.0, drop_class_p = 0.5 }
+style_from = "other_domains"
+mask_weight = 1.5
+weights = "model"
+steps = 4
+batch_size = 2
+montage = 2
+[stages.seg_real]
+kind = "segment_train"
+inputs = { volumes = "resample.volumes" }
+network = "unet"
+labels = [1, 2, 3, 4]
+split = { train_domains = ["venous", "arterial", "lowdose"] }
+unet = { patch = [32, 32, 32], planner = { base_features = 4, max_pools = 2 } }
+steps = 3
+batch_size = 1
+val_every = 0
+[stages.seg_synth]
+extends = "seg_real"
+inputs = { volumes = "resample.volumes", synthetic = "synth.volumes" }
+synthetic = { ratio = 1.0 }
+[stages.seg_synth_only]
+extends = "seg_real"
+inputs = { volumes = "resample.volumes", synthetic = "synth.volumes" }
+synthetic = { with_real = false }
+[stages.eval_real]
+kind = "segment_eval"
+inputs = { model = "seg_real.model", volumes = "resample.volumes" }
+export_predictions = false
+[stages.eval_synth]
+kind = "segment_eval"
+inputs = { model = "seg_synth.model", volumes = "resample.volumes" }
+export_predictions = false
+[stages.adherence]
+kind = "mask_adherence"
+inputs = { segmenter = "seg_real.model", generated = "synth.volumes", real = "resample.volumes" }
+[stages.table]
+kind = "fig6_table"
+inputs = { reports = ["eval_real.report", "eval_synth.report"] }
+regimes = { R1 = ["eval_real"], R3 = ["eval_synth"] }
+"#;
+
+fn run_pipeline(dir: &Path, toml: &str) -> meduet_engine::RunSummary {
+    std::fs::write(dir.join("p.toml"), toml).unwrap();
+    let reg = meduet_torch::registry();
+    let p = meduet_engine::Pipeline::load(&dir.join("p.toml"), &reg).unwrap();
+    let store = meduet_cache::Store::open(&p.cache_dir).unwrap();
+    let opts = meduet_engine::RunOptions {
+        cuda_devices: Some(vec![]),
+        threads: 2,
+        ..Default::default()
+    };
+    meduet_engine::run(&p, &meduet_engine::ExecEnv::new(store), &opts).unwrap()
+}
+
+fn output_of(dir: &Path, stage: &str, output: &str) -> PathBuf {
+    let reg = meduet_torch::registry();
+    let p = meduet_engine::Pipeline::load(&dir.join("p.toml"), &reg).unwrap();
+    let store = meduet_cache::Store::open(&p.cache_dir).unwrap();
+    let h = meduet_engine::plan::load_history(&store, &p);
+    store
+        .object_dir(&h.stages[stage].key)
+        .join("out")
+        .join(output)
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap_or_else(|e| panic!("{p:?}: {e}"))
+}
+
+#[test]
+fn tiny_controlnet_pipeline_trains_samples_augments_and_tabulates() {
+    let d = tempfile::tempdir().unwrap();
+    let t0 = std::time::Instant::now();
+    let s = run_pipeline(d.path(), PIPELINE);
+    assert!(s.failures().is_empty(), "{:?}", s.failures());
+    println!(
+        "tiny ControlNet pipeline: {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut computed = s.computed();
+    computed.sort();
+    assert_eq!(
+        computed,
+        [
+            "adherence",
+            "controlnet",
+            "dit",
+            "encode",
+            "eval_real",
+            "eval_synth",
+            "ingest",
+            "phantom",
+            "resample",
+            "seg_real",
+            "seg_synth",
+            "seg_synth_only",
+            "synth",
+            "table",
+            "vae"
+        ]
+    );
+    // The ControlNet: half of the 2 blocks copied, MAISI's widths for the 4x VAE, 5 classes.
+    let cn = output_of(d.path(), "controlnet", "controlnet");
+    let cfg = json(&cn.join("config.json"));
+    assert_eq!(cfg["control"]["depth"], 1);
+    assert_eq!(
+        cfg["control"]["embedding_channels"],
+        serde_json::json!([8, 32, 64])
+    );
+    assert_eq!(cfg["control"]["mask_channels"], 5);
+    assert_eq!(cfg["control"]["scale"], 4);
+    // Only the three training domains' labelled training subjects gave masks.
+    let subjects: Vec<String> = serde_json::from_value(cfg["subjects"].clone()).unwrap();
+    assert!(!subjects.is_empty());
+    assert!(
+        subjects.iter().all(|s| !s.starts_with("native")),
+        "{subjects:?}"
+    );
+    let losses = std::fs::read_to_string(cn.join("losses.jsonl")).unwrap();
+    assert_eq!(losses.lines().count(), 6);
+    for f in ["controlnet.safetensors", "ema.safetensors", "losses.png"] {
+        assert!(cn.join(f).is_file(), "{f}");
+    }
+    // Samples: two per mask, image + label on one grid, labels from the conditioning mask.
+    let synth = output_of(d.path(), "synth", "samples");
+    let j = json(&synth.join("samples.json"));
+    let recs = j["samples"].as_array().unwrap();
+    assert_eq!(recs.len(), 2 * subjects.len());
+    for r in recs {
+        let (m, st) = (
+            r["mask_subject"].as_str().unwrap(),
+            r["style_subject"].as_str().unwrap(),
+        );
+        let dom = |s: &str| s.split("_case_").next().unwrap().to_string();
+        assert_ne!(dom(m), dom(st), "style from another domain: {r}");
+    }
+    assert!(synth.join("montage.png").is_file());
+    let vols = output_of(d.path(), "synth", "volumes");
+    let first = recs[0]["id"].as_str().unwrap();
+    let item = vols.join("items").join(first);
+    let item = if item.is_dir() {
+        item
+    } else {
+        vols.join(first)
+    };
+    let (img, _) = meduet_stages::data::zarr_store::read_zarr::<f32>(&item.join("image.zarr"))
+        .unwrap_or_else(|e| panic!("{item:?}: {e}"));
+    let (lab, _) =
+        meduet_stages::data::zarr_store::read_zarr::<u8>(&item.join("label.zarr")).unwrap();
+    assert_eq!(img.shape, [64, 64, 64]);
+    assert_eq!(lab.shape, img.shape);
+    assert!(lab.data.iter().all(|&v| v <= 4));
+    assert!(lab.data.iter().any(|&v| v > 0), "the mask has foreground");
+    // Augmented segmentation: as many synthetic pairs as labelled real subjects (ratio 1),
+    // and none when with_real = false changes nothing about validation and test.
+    let seg = output_of(d.path(), "seg_synth", "model");
+    let used = json(&seg.join("synthetic.json"));
+    let real_split = json(&output_of(d.path(), "seg_real", "model").join("splits.json"));
+    let n_train = real_split["train"].as_array().unwrap().len();
+    assert_eq!(used["used"].as_array().unwrap().len(), n_train);
+    let synth_split = json(&seg.join("splits.json"));
+    assert_eq!(
+        synth_split, real_split,
+        "the split ignores the synthetic data"
+    );
+    // Mask adherence: Dice on the synthetic volumes and the real ceiling, both computed.
+    let adh = json(&output_of(d.path(), "adherence", "report").join("adherence.json"));
+    for k in ["synthetic_dice", "real_test_dice"] {
+        let v = adh[k].as_f64().unwrap_or_else(|| panic!("{k}: {adh}"));
+        assert!((0.0..=1.0).contains(&v), "{k} {v}");
+    }
+    // The table: R1 and R3 at 100 %, one seed each.
+    let table = output_of(d.path(), "table", "table");
+    let md = std::fs::read_to_string(table.join("table.md")).unwrap();
+    assert!(
+        md.contains("| 100% | R1 | 1 |") && md.contains("| 100% | R3 | 1 |"),
+        "{md}"
+    );
+    assert!(table.join("dice.png").is_file());
+    // A second run computes nothing.
+    let again = run_pipeline(d.path(), PIPELINE);
+    assert!(again.computed().is_empty(), "{:?}", again.computed());
+}
+
+/// Bad inputs are refused naming the stage's field: a ControlNet sampled with another base
+/// model, and masks without labels.
+#[test]
+fn a_controlnet_refuses_another_base_model() {
+    // The digest check is in load_controlnet: a config naming another digest.
+    let cfg = small(ConditionMode::None);
+    let d = tempfile::tempdir().unwrap();
+    let art = serde_json::json!({
+        "control": control_cfg(), "labels": [1, 2], "base_digest": "abc",
+        "base_weights": "ema", "subjects": [], "domains": {},
+        "training": meduet_stages::kinds::controlnet::ControlnetTrainParams::default(),
+        "trainable_parameters": 0,
+    });
+    std::fs::write(d.path().join("config.json"), art.to_string()).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Dit::new(&vs.root(), &cfg).unwrap();
+    let ld = meduet_torch::runners::diffusion::LoadedDiffusion {
+        vs,
+        model,
+        method: meduet_stages::kinds::diffusion::Method::Dit,
+        schedule: Default::default(),
+        scale_factor: 1.0,
+        image_spacing: [1.5; 3],
+    };
+    let e = meduet_torch::runners::controlnet::load_controlnet(
+        d.path(),
+        meduet_stages::kinds::diffusion::SampleWeights::Ema,
+        &ld,
+        "def",
+        Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("model:") && e.contains("digest abc"), "{e}");
+}

@@ -3,6 +3,7 @@
 //! macro one-vs-rest AUC), silhouette scores and t-SNE embeddings.
 
 pub mod cluster;
+pub mod fig6;
 pub mod logistic;
 pub mod metrics;
 pub mod synthesis;

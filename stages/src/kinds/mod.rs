@@ -29,7 +29,12 @@
 //! | `synthesis_metrics` | FID, MMD (3-D feature network), MS-SSIM diversity             |
 //! | `synthesis_curve` | Fig. 5: FID against training steps, steps-to-equal-FID ratio    |
 //! | `guidance_sweep`  | Fig. 7: content Dice and style hit rate over dual-CFG weights  |
+//! | `controlnet_train` | ControlNet on a frozen DiT/SiT, conditioned on segmentation masks |
+//! | `controlnet_sample` | image + label pairs from (transformed) masks, mask guidance     |
+//! | `mask_adherence`  | Dice of synthesized volumes against their conditioning masks    |
+//! | `fig6_table`      | Fig. 6: Dice by augmentation regime, mean ± sd over seeds (plain Rust) |
 
+pub mod controlnet;
 pub mod diffusion;
 pub mod guidance;
 pub mod ingest;
@@ -65,7 +70,11 @@ pub fn register(r: &mut meduet_engine::Registry) {
         .register(segment::SegmentEval)
         .register(segment::ClassifyTrain)
         .register(segment::ClassifyEval)
-        .register(segment::SegmentTable);
+        .register(segment::SegmentTable)
+        .register(controlnet::ControlnetTrain)
+        .register(controlnet::ControlnetSample)
+        .register(controlnet::MaskAdherence)
+        .register(controlnet::Fig6Table);
 }
 
 #[cfg(test)]

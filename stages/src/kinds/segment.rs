@@ -234,6 +234,61 @@ pub struct SegmentTrainParams {
     pub checkpoint_every: u64,
     pub amp: Amp,
     pub seed: u64,
+    /// Synthetic training pairs from the `synthetic` input (`network = "unet"`).
+    #[serde(skip_serializing_if = "SyntheticParams::is_default")]
+    pub synthetic: SyntheticParams,
+}
+
+/// How many synthetic image + label pairs (the `synthetic` input of `segment_train`) join
+/// the training subjects. Validation and test subjects are always real, and the split is
+/// made from the real volumes alone; synthetic pairs made from a mask of a validation, test
+/// or held-out subject are left out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyntheticParams {
+    /// This many synthetic pairs (a seeded draw); with neither `count` nor `ratio`: all.
+    pub count: Option<usize>,
+    /// Or this many per labelled real training subject (rounded).
+    pub ratio: Option<f64>,
+    /// Also train on the labelled real subjects (`false`: synthetic only).
+    pub with_real: bool,
+}
+
+impl Default for SyntheticParams {
+    fn default() -> Self {
+        Self {
+            count: None,
+            ratio: None,
+            with_real: true,
+        }
+    }
+}
+
+impl SyntheticParams {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// How many of `available` synthetic pairs to use beside `real` labelled subjects.
+    pub fn how_many(&self, available: usize, real: usize) -> usize {
+        match (self.count, self.ratio) {
+            (Some(n), _) => n.min(available),
+            (None, Some(r)) => ((r * real as f64).round() as usize).min(available),
+            (None, None) => available,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.count.is_some() && self.ratio.is_some() {
+            return Err("synthetic: give `count` or `ratio`, not both".into());
+        }
+        if let Some(r) = self.ratio {
+            if !(r >= 0.0) || !r.is_finite() {
+                return Err(format!("synthetic.ratio: {r} must be >= 0"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for SegmentTrainParams {
@@ -256,6 +311,7 @@ impl Default for SegmentTrainParams {
             checkpoint_every: 100,
             amp: Amp::Fp16,
             seed: 0,
+            synthetic: SyntheticParams::default(),
         }
     }
 }
@@ -332,6 +388,12 @@ impl Stage for SegmentTrain {
                 Arity::Optional,
                 "the VAE of the latents (unetr.output = \"vae_decoder\")",
             ),
+            input(
+                "synthetic",
+                VOLUMES,
+                Arity::Optional,
+                "synthetic image + label pairs added to training (controlnet_sample; network = \"unet\")",
+            ),
         ]
     }
     fn outputs(&self) -> Vec<OutputSpec> {
@@ -369,6 +431,7 @@ impl Stage for SegmentTrain {
         p.split.validate()?;
         p.augment.validate()?;
         p.style_augment.validate()?;
+        p.synthetic.validate()?;
         if p.style_augment.enabled && p.network != Network::Unetr {
             return Err("style_augment: style augmentation works on MeDUET latents: network must be \"unetr\"".into());
         }

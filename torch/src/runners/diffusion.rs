@@ -417,12 +417,8 @@ pub fn train(
         &format!("{:?} training loss", p.method),
         &LOSS_FIELDS,
     )?;
-    // The loss averaged over the first and last tenth (single steps are noisy).
     let col = crate::train::log::read_column(&out.join("losses.jsonl"), "loss");
-    let k = (col.len() / 10).max(1);
-    if col.len() >= 2 {
-        let head: f64 = col[..k].iter().map(|v| v.1).sum::<f64>() / k as f64;
-        let tail: f64 = col[col.len() - k..].iter().map(|v| v.1).sum::<f64>() / k as f64;
+    if let Some((head, tail)) = crate::train::log::first_and_last_tenth(&col) {
         ctx.set_metric("loss_first_tenth", head);
         ctx.set_metric("loss_last_tenth", tail);
     }
@@ -484,6 +480,32 @@ fn init_from_meduet(
         r.pos_embed_to
     );
     Ok(r)
+}
+
+/// The noised input, the network's time input and the regression target of a training
+/// batch `x1` (clean latents, scaled): DiT draws `t ~ U{0..T-1}` and regresses the noise;
+/// SiT draws `t ~ U[0, 1]` and regresses the velocity `x1 - x0`. Draws from libtorch's
+/// generator (seeded per step by the trainer).
+pub fn training_target(
+    method: Method,
+    ddpm: &GaussianDiffusion,
+    x1: &Tensor,
+) -> (Tensor, Tensor, Tensor) {
+    let (b, dev) = (x1.size()[0], x1.device());
+    match method {
+        Method::Dit => {
+            let t = Tensor::randint(ddpm.num_timesteps() as i64, [b], (Kind::Int64, dev));
+            let noise = x1.randn_like();
+            let xt = ddpm.q_sample(x1, &t, &noise);
+            (xt, ddpm.model_timesteps(&t), noise)
+        }
+        Method::Sit => {
+            let t = Tensor::rand([b], (Kind::Float, dev));
+            let x0 = x1.randn_like();
+            let s = transport::interpolate(&t, &x0, x1);
+            (s.xt, t, s.ut)
+        }
+    }
 }
 
 /// One diffusion training run as the shared loop sees it.
@@ -562,21 +584,7 @@ impl TrainingTask for DiffusionTask<'_> {
             ConditionMode::None => Cond::None,
         };
         let loss = tch::autocast(self.learner.autocast(), || -> Result<Tensor, StageError> {
-            let (xt, t_model, target) = match p.method {
-                Method::Dit => {
-                    let t =
-                        Tensor::randint(self.ddpm.num_timesteps() as i64, [b], (Kind::Int64, dev));
-                    let noise = x1.randn_like();
-                    let xt = self.ddpm.q_sample(&x1, &t, &noise);
-                    (xt, self.ddpm.model_timesteps(&t), noise)
-                }
-                Method::Sit => {
-                    let t = Tensor::rand([b], (Kind::Float, dev));
-                    let x0 = x1.randn_like();
-                    let s = transport::interpolate(&t, &x0, &x1);
-                    (s.xt, t, s.ut)
-                }
-            };
+            let (xt, t_model, target) = training_target(p.method, &self.ddpm, &x1);
             let pred = self
                 .model
                 .forward(&xt, &t_model, &cond, &[Some(&drops[0]), Some(&drops[1])])
@@ -817,17 +825,30 @@ impl<'a> LatentSampler<'a> {
         seed: u64,
         progress: impl FnMut(usize) -> Result<(), StageError>,
     ) -> Result<Tensor, StageError> {
-        let (ld, p) = (self.ld, self.p);
-        let cfg = ld.model.config();
-        let dev = ld.vs.device();
+        let ld = self.ld;
         let emb = ld.model.embed(cond, &[]).map_err(fail)?;
         let null = ld.model.null_embed(b as i64);
-        tch::manual_seed(seed as i64);
-        let [x, y, z] = cfg.input_size;
-        let init = Tensor::randn([b as i64, cfg.in_chans, x, y, z], (Kind::Float, dev));
         let model_fn = |xt: &Tensor, t: &Tensor| -> Result<Tensor, StageError> {
             guided_output(&ld.model, xt, t, &emb, &null, guidance).map_err(fail)
         };
+        self.sample_with(b, seed, model_fn, progress)
+    }
+
+    /// `b` latents drawn with the network output `model_fn(x_t, t)` (a guided output), the
+    /// starting noise seeded by `seed`; divided by the scale factor.
+    pub fn sample_with(
+        &self,
+        b: usize,
+        seed: u64,
+        model_fn: impl FnMut(&Tensor, &Tensor) -> Result<Tensor, StageError>,
+        progress: impl FnMut(usize) -> Result<(), StageError>,
+    ) -> Result<Tensor, StageError> {
+        let (ld, p) = (self.ld, self.p);
+        let cfg = ld.model.config();
+        let dev = ld.vs.device();
+        tch::manual_seed(seed as i64);
+        let [x, y, z] = cfg.input_size;
+        let init = Tensor::randn([b as i64, cfg.in_chans, x, y, z], (Kind::Float, dev));
         let latents = match self.sampler {
             Sampler::Ddpm => self.ddpm.as_ref().expect("ddpm").sample_loop(
                 &init,

@@ -11,11 +11,13 @@
 //! | `volume_features` | [`volume_features`] |
 //! | `synthesis_metrics` | [`synthesis`] |
 //! | `guidance_sweep` | [`guidance`] |
+//! | `controlnet_train`, `controlnet_sample`, `mask_adherence` | [`controlnet`] |
 //!
 //! [`style_augment`] is the style augmentation shared by `segment_train` and `classify_train`.
 
 pub mod classify;
 pub mod common;
+pub mod controlnet;
 pub mod diffusion;
 pub mod factors;
 pub mod guidance;
@@ -78,5 +80,17 @@ pub fn implement(r: &mut Registry) {
     r.implement(
         kinds::segment::ClassifyEval,
         Implementation::run(classify::eval),
+    );
+    r.implement(
+        kinds::controlnet::ControlnetTrain,
+        Implementation::run(controlnet::train),
+    );
+    r.implement(
+        kinds::controlnet::ControlnetSample,
+        Implementation::run(controlnet::sample),
+    );
+    r.implement(
+        kinds::controlnet::MaskAdherence,
+        Implementation::run(controlnet::mask_adherence),
     );
 }

@@ -38,6 +38,8 @@ use meduet_stages::segmentation::planner::{median_shape, plan_unet, UnetPlan};
 use meduet_stages::segmentation::sampler::{SegSampler, SegSource};
 use meduet_stages::segmentation::splits::{make_splits, SplitConfig, Splits};
 use meduet_stages::segmentation::style_augment::AugmentedTask;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -212,6 +214,17 @@ pub fn read_case(
             it.id, label.shape, image.shape
         )));
     }
+    let off = (0..4)
+        .flat_map(|r| (0..4).map(move |c| (r, c)))
+        .map(|(r, c)| (label.affine[r][c] - image.affine[r][c]).abs())
+        .fold(0.0f64, f64::max);
+    if off > 1e-4 {
+        return Err(StageError::input(format!(
+            "subject '{}': the label's affine {:?} differs from the image's {:?} (the mask must \
+             lie on the image grid)",
+            it.id, label.affine, image.affine
+        )));
+    }
     let latent = match latents {
         None => None,
         Some(m) => {
@@ -247,7 +260,7 @@ pub fn label_lut(labels: &[u8]) -> [u8; 256] {
 }
 
 /// The integer label-grid scale of a case's latent, checked.
-fn latent_scale(c: &Case) -> Result<i64, StageError> {
+pub fn latent_scale(c: &Case) -> Result<i64, StageError> {
     let (_, s) = c.latent.as_ref().expect("latent");
     let sc: Vec<usize> = (0..3).map(|a| c.image.shape[a] / s[a + 1].max(1)).collect();
     if (0..3).any(|a| s[a + 1] * sc[a] != c.image.shape[a])
@@ -432,7 +445,19 @@ pub fn train(
             .map(|id| read_case(&items[id], lat, &lut))
             .collect()
     };
-    let train_cases = read(&splits.train)?;
+    let mut train_cases = if p.synthetic.with_real {
+        read(&splits.train)?
+    } else {
+        Vec::new()
+    };
+    let synthetic = synthetic_cases(p, ctx, &splits, &lut)?;
+    let synthetic_ids: Vec<String> = synthetic.iter().map(|c| c.id.clone()).collect();
+    train_cases.extend(synthetic);
+    if train_cases.is_empty() {
+        return Err(StageError::input(
+            "synthetic: with_real = false and no synthetic pair is left: nothing to train on",
+        ));
+    }
     let val_cases = read(&splits.val)?;
     let layout = match p.network {
         Network::Unetr => unetr_layout(
@@ -528,6 +553,14 @@ pub fn train(
     let t0 = Instant::now();
     let trained = trainer::run(ctx, &training, &mut task)?;
     write_segmenter(ctx, &task, &trained, &splits, &config, &transfer)?;
+    if ctx.inputs("synthetic").first().is_some() {
+        let out = ctx.output_dir("model")?;
+        write_json(
+            &out.join("synthetic.json"),
+            &serde_json::json!({ "used": synthetic_ids, "with_real": p.synthetic.with_real }),
+        )?;
+        ctx.set_metric("synthetic_pairs", synthetic_ids.len());
+    }
     ctx.set_metric("train_seconds", t0.elapsed().as_secs_f64());
     Ok(())
 }
@@ -593,6 +626,60 @@ pub fn subject_splits(
     .map_err(StageError::input)
 }
 
+/// The synthetic image + label pairs that join training (the `synthetic` input): those
+/// made from the masks of labelled training subjects (pairs from a validation, test,
+/// held-out or unlabelled subject's mask are left out), `p.synthetic`'s count of them in a
+/// draw seeded by `p.seed`.
+fn synthetic_cases(
+    p: &SegmentTrainParams,
+    ctx: &StageContext,
+    splits: &Splits,
+    lut: &[u8; 256],
+) -> Result<Vec<Case>, StageError> {
+    let Some(input) = ctx.inputs("synthetic").first() else {
+        if !p.synthetic.is_default() {
+            return Err(StageError::input(
+                "synthetic: set, but no 'synthetic' input is connected (a controlnet_sample's volumes)",
+            ));
+        }
+        return Ok(Vec::new());
+    };
+    if p.network != Network::Unet {
+        return Err(StageError::input(
+            "synthetic: synthetic pairs are images; they train network = \"unet\" (UNETR reads latents)",
+        ));
+    }
+    let train: std::collections::BTreeSet<&String> = splits.train.iter().collect();
+    let (mut eligible, mut left_out) = (Vec::new(), Vec::new());
+    for it in &input.items {
+        match it.attr_str("mask_subject") {
+            Some(m) if !train.contains(&m.to_string()) => left_out.push(it.id.clone()),
+            _ => eligible.push(it),
+        }
+    }
+    if !left_out.is_empty() {
+        tracing::warn!(
+            "synthetic: {} pair(s) made from masks of subjects outside this model's labelled training set are left out (first: {})",
+            left_out.len(),
+            left_out[0]
+        );
+    }
+    let n = p.synthetic.how_many(eligible.len(), splits.train.len());
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(p.seed ^ 0x5_1A7E);
+    eligible.shuffle(&mut rng);
+    let mut chosen: Vec<&Item> = eligible.into_iter().take(n).collect();
+    chosen.sort_by(|a, b| a.id.cmp(&b.id));
+    tracing::info!(
+        "synthetic: {n} pair(s) join {} labelled real subject(s)",
+        if p.synthetic.with_real {
+            splits.train.len()
+        } else {
+            0
+        }
+    );
+    chosen.iter().map(|it| read_case(it, None, lut)).collect()
+}
+
 /// Refuses a network setting whose input is not connected.
 fn check_inputs(
     p: &SegmentTrainParams,
@@ -626,16 +713,26 @@ fn segmented_labels(
     splits: &Splits,
     items: &BTreeMap<String, Item>,
 ) -> Result<Vec<u8>, StageError> {
-    let labels: Vec<u8> = if p.labels.is_empty() {
+    label_values(&p.labels, &splits.train, items)
+}
+
+/// `explicit` label values, or (when empty) every non-zero value in the labels of the
+/// subjects `ids`; an error when there is no foreground.
+pub fn label_values(
+    explicit: &[u8],
+    ids: &[String],
+    items: &BTreeMap<String, Item>,
+) -> Result<Vec<u8>, StageError> {
+    let labels: Vec<u8> = if explicit.is_empty() {
         let mut seen = [false; 256];
-        for id in &splits.train {
+        for id in ids {
             let (l, _) =
                 read_zarr::<u8>(&items[id].dir.join(LABEL_ZARR)).map_err(StageError::input)?;
             l.data.iter().for_each(|&v| seen[v as usize] = true);
         }
         (1..=255u8).filter(|&v| seen[v as usize]).collect()
     } else {
-        p.labels.clone()
+        explicit.to_vec()
     };
     if labels.is_empty() {
         return Err(StageError::input(
@@ -1035,7 +1132,7 @@ pub fn model_name(cfg: &SegmenterConfig) -> String {
     }
 }
 
-fn summary_means(cases: &[(String, Vec<ClassMetrics>)], labels: &[u8]) -> serde_json::Value {
+pub fn summary_means(cases: &[(String, Vec<ClassMetrics>)], labels: &[u8]) -> serde_json::Value {
     let mut per = serde_json::Map::new();
     for (c, v) in labels.iter().enumerate() {
         let d = mean(cases.iter().filter_map(|(_, m)| m[c].dice));

@@ -91,3 +91,14 @@ pub fn read_column(log: &Path, field: &str) -> Vec<(u64, f64)> {
         .filter_map(|r| Some((r["step"].as_u64()?, r[field].as_f64()?)))
         .collect()
 }
+
+/// The mean of a loss column over its first and its last tenth (single steps are noisy);
+/// `None` below two points.
+pub fn first_and_last_tenth(col: &[(u64, f64)]) -> Option<(f64, f64)> {
+    if col.len() < 2 {
+        return None;
+    }
+    let k = (col.len() / 10).max(1);
+    let avg = |v: &[(u64, f64)]| v.iter().map(|x| x.1).sum::<f64>() / v.len() as f64;
+    Some((avg(&col[..k]), avg(&col[col.len() - k..])))
+}
