@@ -417,6 +417,39 @@ checkpoint_every = 3
     assert!(ta.iter().all(|(_, v)| v[0].is_some_and(f64::is_finite)));
 }
 
+/// A ControlNet on a frozen metadata-conditioned DiT, killed after its step-6 checkpoint and
+/// resumed: the loss trace equals an uninterrupted run's (ControlNet weights, EMA, optimiser
+/// and the batches, condition and mask dropouts all came back).
+#[test]
+fn killed_controlnet_training_resumes_with_identical_losses() {
+    let pipe = format!(
+        "{TINY}{}",
+        r#"
+[stages.dit]
+kind = "diffusion_train"
+inputs = { latents = "encode.latents" }
+model = { condition = "metadata" }
+steps = 4
+batch_size = 2
+[stages.cn]
+kind = "controlnet_train"
+inputs = { model = "dit.model", latents = "encode.latents", volumes = "resample.volumes" }
+labels = [1, 2]
+steps = 12
+batch_size = 2
+optim.lr = 1e-3
+schedule.warmup_steps = 2
+mask_dropout = 0.3
+checkpoint_every = 3
+"#
+    );
+    let (a, b) =
+        uninterrupted_and_resumed(&pipe, &["dit"], "cn", "controlnet", "checkpoint-00000006");
+    let ta = assert_same_trace(&a, &b, &["loss", "grad_norm", "masks_dropped"]);
+    assert_eq!(ta.len(), 12);
+    assert!(ta.iter().all(|(_, v)| v[0].is_some_and(f64::is_finite)));
+}
+
 /// A small VAE trained on 400 crops of phantoms learns: the mean L1 loss of the last 20
 /// steps is under [`VAE_L1_RATIO_FLOOR`] times that of the first 20, and the held-out
 /// reconstruction (posterior mean, whole volumes) beats the constant image at each
