@@ -9,7 +9,9 @@
 use std::path::{Path, PathBuf};
 
 use meduet_stages::testing::run_python;
-use meduet_torch::diffusion::{controlled_guided_output, GuidanceNaming, GuidanceParams};
+use meduet_torch::diffusion::{
+    controlled_guided_output, GuidanceNaming, GuidanceParams, MaskTokens,
+};
 use meduet_torch::models::controlnet::{drop_masks, one_hot, ControlConfig, ControlNet};
 use meduet_torch::models::dit::{AdaLn, ConditionMode, Config, Dit};
 use tch::{nn, Device, Kind, Tensor};
@@ -323,9 +325,10 @@ fn controlnet_matches_pytorch_reference_and_weights_interchange() {
             let e = rel_err(&f, &py["forward"]);
             println!("{mode:?}/{naming:?}: forward rel err {e:.2e}");
             assert!(e < 1e-4, "{mode:?}: forward {e}");
+            let tokens = MaskTokens::new(&b.base, &b.control, &i.mask).unwrap();
             for w_m in [1.0, 2.0] {
                 let o = controlled_guided_output(
-                    &b.base, &b.control, &i.x, &i.t, &emb, &null, &i.mask, &g, w_m,
+                    &b.base, &b.control, &i.x, &i.t, &emb, &null, &tokens, &g, w_m,
                 )
                 .unwrap();
                 let e = rel_err(&o, &py[&format!("guided_{w_m:.1}")]);

@@ -76,6 +76,23 @@ pub fn guided_output(
     }
 }
 
+/// The mask tokens a guided ControlNet evaluation needs, computed once per batch of
+/// samples ([`ControlNet::mask_tokens`]): with the mask, and without it (zeros).
+pub struct MaskTokens {
+    pub masked: Tensor,
+    pub unmasked: Tensor,
+}
+
+impl MaskTokens {
+    /// The tokens of `mask` `[b, K, X*s, Y*s, Z*s]` and of an all-zero mask.
+    pub fn new(base: &Dit, control: &ControlNet, mask: &Tensor) -> Result<Self, DitError> {
+        Ok(Self {
+            masked: control.mask_tokens(base, mask)?,
+            unmasked: control.mask_tokens(base, &mask.zeros_like())?,
+        })
+    }
+}
+
 /// The guided output of a ControlNet-controlled model: dual classifier-free guidance with
 /// every branch seeing the mask, plus mask guidance against the unconditional output
 /// without a mask (`w_m = mask_weight`):
@@ -87,11 +104,11 @@ pub fn guided_output(
 /// ```
 ///
 /// At `w_m = 1` the branch without a mask cancels and is not evaluated (plain mask
-/// conditioning with dual CFG: 3 / 2 / 1 evaluations); otherwise one more.
+/// conditioning with dual CFG: 3 / 2 / 1 evaluations); otherwise one more. All branches go
+/// through one batched forward pass.
 ///
 /// # Shapes
-/// - `x`: `[b, C, X, Y, Z]`; `t`: `[b]`; `emb`, `null`: `[b, D]` each;
-///   `mask`: `[b, K, X*s, Y*s, Z*s]`
+/// - `x`: `[b, C, X, Y, Z]`; `t`: `[b]`; `emb`, `null`: `[b, D]` each; `tokens`: `[b, T, D]`
 /// - returns `[b, C, X, Y, Z]`
 #[allow(clippy::too_many_arguments)]
 pub fn controlled_guided_output(
@@ -101,7 +118,7 @@ pub fn controlled_guided_output(
     t: &Tensor,
     emb: &[Tensor],
     null: &[Tensor],
-    mask: &Tensor,
+    tokens: &MaskTokens,
     g: &GuidanceParams,
     mask_weight: f64,
 ) -> Result<Tensor, DitError> {
@@ -122,23 +139,24 @@ pub fn controlled_guided_output(
         }
         n => return Err(DitError::Input(format!("{n} condition branches"))),
     }
-    let masked: Vec<bool> = branches.iter().map(|b| b.1).collect();
-    let conds: Vec<Vec<&Tensor>> = (0..emb.len())
-        .map(|i| branches.iter().map(|b| b.0[i]).collect())
+    let n = branches.len();
+    let conds: Vec<Tensor> = (0..emb.len())
+        .map(|i| Tensor::cat(&branches.iter().map(|b| b.0[i]).collect::<Vec<_>>(), 0))
         .collect();
-    let n = masked.len();
-    let xx = Tensor::cat(&vec![x; n], 0);
-    let tt = Tensor::cat(&vec![t; n], 0);
-    let zeros = mask.zeros_like();
-    let mm: Vec<&Tensor> = masked
+    let tt: Vec<&Tensor> = branches
         .iter()
-        .map(|&m| if m { mask } else { &zeros })
+        .map(|b| {
+            if b.1 {
+                &tokens.masked
+            } else {
+                &tokens.unmasked
+            }
+        })
         .collect();
-    let mm = Tensor::cat(&mm, 0);
-    let cc: Vec<Tensor> = conds.iter().map(|rows| Tensor::cat(rows, 0)).collect();
-    let o = control
-        .forward_emb(base, &xx, &tt, &cc, &mm)?
-        .chunk(n as i64, 0);
+    let xx = Tensor::cat(&vec![x; n], 0);
+    let ts = Tensor::cat(&vec![t; n], 0);
+    let out = control.forward_tokens(base, &xx, &ts, &conds, &Tensor::cat(&tt, 0), 1.0)?;
+    let o = base.keep_prediction(out).chunk(n as i64, 0);
     let (o_unmasked, o) = if with_unmasked {
         (Some(&o[0]), &o[1..])
     } else {

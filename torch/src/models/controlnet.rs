@@ -248,6 +248,26 @@ impl ControlNet {
         Ok(n)
     }
 
+    /// The mask's tokens `[b, T, D]` (the conditioning embedding): what the copied branch
+    /// adds to its input. Constant over a sampling run, so computed once per batch.
+    pub fn mask_tokens(&self, base: &Dit, mask: &Tensor) -> Result<Tensor, DitError> {
+        let cfg = base.config();
+        let want = [
+            self.cfg.mask_channels,
+            cfg.input_size[0] * self.cfg.scale,
+            cfg.input_size[1] * self.cfg.scale,
+            cfg.input_size[2] * self.cfg.scale,
+        ];
+        let s = mask.size();
+        if s.len() != 5 || s[1..] != want {
+            return Err(DitError::Input(format!(
+                "mask has shape {s:?}, expected [b, {}, {}, {}, {}]",
+                want[0], want[1], want[2], want[3]
+            )));
+        }
+        Ok(self.cond_embedding.forward(mask))
+    }
+
     /// The controlled model's full output (all `out_channels`): the frozen `base` with
     /// this ControlNet's residuals times `scale`.
     ///
@@ -264,23 +284,30 @@ impl ControlNet {
         mask: &Tensor,
         scale: f64,
     ) -> Result<Tensor, DitError> {
+        let tokens = self.mask_tokens(base, mask)?;
+        self.forward_tokens(base, x, t, emb, &tokens, scale)
+    }
+
+    /// [`ControlNet::forward_full`] on the mask's tokens ([`ControlNet::mask_tokens`]).
+    pub fn forward_tokens(
+        &self,
+        base: &Dit,
+        x: &Tensor,
+        t: &Tensor,
+        emb: &[Tensor],
+        tokens: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor, DitError> {
         base.check_inputs(x, t, emb)?;
-        let cfg = base.config();
-        let want = [
-            x.size()[0],
-            self.cfg.mask_channels,
-            cfg.input_size[0] * self.cfg.scale,
-            cfg.input_size[1] * self.cfg.scale,
-            cfg.input_size[2] * self.cfg.scale,
-        ];
-        if mask.size() != want {
+        let (mut h, t_act, acts) = base.prepare(x, t, emb);
+        if tokens.size() != h.size() {
             return Err(DitError::Input(format!(
-                "mask has shape {:?}, expected {want:?}",
-                mask.size()
+                "mask tokens have shape {:?}, the DiT's tokens {:?}",
+                tokens.size(),
+                h.size()
             )));
         }
-        let (mut h, t_act, acts) = base.prepare(x, t, emb);
-        let mut c = &h + self.cond_embedding.forward(mask);
+        let mut c = &h + tokens;
         for (i, blk) in base.blocks().iter().enumerate() {
             h = blk.forward(&h, &t_act, &acts);
             if let (Some(copy), Some(proj)) = (self.blocks.get(i), self.zero_projs.get(i)) {

@@ -45,8 +45,8 @@ use super::segment::{
     by_id, domain_of, label_lut, label_values, latent_scale, load_segmenter, read_case,
     segment_case, subject_splits, summary_means, Case,
 };
-use crate::diffusion::controlled_guided_output;
 use crate::diffusion::gaussian::GaussianDiffusion;
+use crate::diffusion::{controlled_guided_output, MaskTokens};
 use crate::inference::SlidingWindow;
 use crate::models::controlnet::{drop_masks, one_hot, ControlConfig, ControlNet};
 use crate::models::dit::{dropout_mask, Cond, ConditionMode, Config as DitConfig};
@@ -683,6 +683,7 @@ pub fn sample(
             ccfg.mask_channels,
         )
         .to_device(dev);
+        let tokens = MaskTokens::new(&ld.model, &lc.control, &mask).map_err(fail)?;
         let cancel = ctx.cancel_flag().clone();
         let progress = |k: usize| -> Result<(), StageError> {
             if cancel.is_cancelled() {
@@ -699,7 +700,7 @@ pub fn sample(
                 t,
                 &emb,
                 &null,
-                &mask,
+                &tokens,
                 &p.guidance,
                 p.mask_weight,
             )
