@@ -116,22 +116,9 @@ def forward_with_guidance(base, control, x, t, cond, mask, w_c, w_s, w_m, naming
 
 def training_loss(base, control, method, x1, cond, drop, mask, alphas_cumprod=None, gen=None):
     """One ControlNet training loss (DiT epsilon or SiT velocity), base frozen."""
-    b = x1.shape[0]
-    emb = base.embed(cond, drop)
-    if method == "dit":
-        T = alphas_cumprod.shape[0]
-        t = torch.randint(0, T, (b,), generator=gen)
-        noise = torch.randn(x1.shape, generator=gen)
-        ab = alphas_cumprod[t].float().view(-1, 1, 1, 1, 1)
-        xt = ab.sqrt() * x1 + (1 - ab).sqrt() * noise
-        pred = controlled_forward_emb(base, control, xt, t.float(), emb, mask)
-        return ((pred - noise) ** 2).mean()
-    t = torch.rand(b, generator=gen)
-    x0 = torch.randn(x1.shape, generator=gen)
-    te = t.view(-1, 1, 1, 1, 1)
-    xt = te * x1 + (1 - te) * x0
-    pred = controlled_forward_emb(base, control, xt, t, emb, mask)
-    return ((pred - (x1 - x0)) ** 2).mean()
+    xt, t, target = D.noised(method, x1, alphas_cumprod, gen)
+    pred = controlled_forward_emb(base, control, xt, t, base.embed(cond, drop), mask)
+    return ((pred - target) ** 2).mean()
 
 
 def load_safetensors(model, path):

@@ -294,23 +294,26 @@ def linear_betas(T, start=1e-4, end=0.02):
     return torch.linspace(s * start, s * end, T, dtype=torch.float64)
 
 
-def training_loss(model, method, x1, cond, drop, alphas_cumprod=None, gen=None):
-    """One DiT (epsilon, L_simple) or SiT (velocity) loss on a batch."""
+def noised(method, x1, alphas_cumprod=None, gen=None):
+    """A training batch's noised input, time input and target: DiT draws t ~ U{0..T-1} and
+    regresses the noise; SiT draws t ~ U[0, 1] and regresses the velocity x1 - x0."""
     b = x1.shape[0]
     if method == "dit":
         T = alphas_cumprod.shape[0]
         t = torch.randint(0, T, (b,), generator=gen)
         noise = torch.randn(x1.shape, generator=gen)
         ab = alphas_cumprod[t].float().view(-1, 1, 1, 1, 1)
-        xt = ab.sqrt() * x1 + (1 - ab).sqrt() * noise
-        pred = model(xt, t.float(), cond, drop)
-        return ((pred - noise) ** 2).mean()
+        return ab.sqrt() * x1 + (1 - ab).sqrt() * noise, t.float(), noise
     t = torch.rand(b, generator=gen)
     x0 = torch.randn(x1.shape, generator=gen)
     te = t.view(-1, 1, 1, 1, 1)
-    xt = te * x1 + (1 - te) * x0
-    pred = model(xt, t, cond, drop)
-    return ((pred - (x1 - x0)) ** 2).mean()
+    return te * x1 + (1 - te) * x0, t, x1 - x0
+
+
+def training_loss(model, method, x1, cond, drop, alphas_cumprod=None, gen=None):
+    """One DiT (epsilon, L_simple) or SiT (velocity) loss on a batch."""
+    xt, t, target = noised(method, x1, alphas_cumprod, gen)
+    return ((model(xt, t, cond, drop) - target) ** 2).mean()
 
 
 def load_safetensors(model, path):

@@ -15,9 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use meduet_engine::{
-    Arity, ArtifactType, DeviceRequest, InputSpec, OutputSpec, Resources, Runtime, Stage,
-};
+use meduet_engine::{Arity, ArtifactType, InputSpec, OutputSpec, Resources, Runtime, Stage};
 use serde::{Deserialize, Serialize};
 
 use crate::kinds::diffusion::{
@@ -25,7 +23,9 @@ use crate::kinds::diffusion::{
 };
 use crate::kinds::pretrain::FACTORS;
 use crate::kinds::resample::VOLUMES;
-use crate::kinds::segment::{SplitParams, RESULTS_TABLE, SEGMENTATION_REPORT, SEGMENTER};
+use crate::kinds::segment::{
+    auto, input, SplitParams, WindowParams, RESULTS_TABLE, SEGMENTATION_REPORT, SEGMENTER,
+};
 use crate::kinds::vae::{LATENTS, TORCH, VAE};
 use crate::training::{
     training_params, training_stage, Amp, OptimConfig, ResolvedOptim, ResolvedSchedule,
@@ -132,28 +132,11 @@ pub const CONTROLNET_TRAINING: TrainingDefaults = TrainingDefaults {
     schedule: ResolvedSchedule::cosine(10),
 };
 
-fn gpu_default() -> Resources {
-    Resources {
-        threads: 0,
-        device: DeviceRequest::Auto,
-        memory_gb: None,
-    }
-}
-
 fn check_prob(name: &str, p: f64) -> Result<(), String> {
     if !(0.0..=1.0).contains(&p) {
         return Err(format!("{name}: {p} must be a probability in [0, 1]"));
     }
     Ok(())
-}
-
-fn input(name: &'static str, ty: ArtifactType, arity: Arity, doc: &'static str) -> InputSpec {
-    InputSpec {
-        name,
-        ty,
-        arity,
-        doc,
-    }
 }
 
 /// `controlnet_train`.
@@ -200,7 +183,7 @@ impl Stage for ControlnetTrain {
         }]
     }
     fn default_resources(&self) -> Resources {
-        gpu_default()
+        auto()
     }
     fn runtime(&self) -> Runtime {
         TORCH
@@ -388,7 +371,7 @@ impl Stage for ControlnetSample {
         ]
     }
     fn default_resources(&self) -> Resources {
-        gpu_default()
+        auto()
     }
     fn runtime(&self) -> Runtime {
         TORCH
@@ -430,24 +413,8 @@ impl Stage for ControlnetSample {
     }
 }
 
-/// `mask_adherence` parameters (the sliding window of `segment_eval`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MaskAdherenceParams {
-    pub overlap: f64,
-    pub sw_batch: usize,
-    pub sigma_scale: f64,
-}
-
-impl Default for MaskAdherenceParams {
-    fn default() -> Self {
-        Self {
-            overlap: 0.5,
-            sw_batch: 4,
-            sigma_scale: 0.125,
-        }
-    }
-}
+/// `mask_adherence` parameters: the sliding window of `segment_eval`.
+pub type MaskAdherenceParams = WindowParams;
 
 /// `mask_adherence`.
 pub struct MaskAdherence;
@@ -487,19 +454,13 @@ impl Stage for MaskAdherence {
         }]
     }
     fn default_resources(&self) -> Resources {
-        gpu_default()
+        auto()
     }
     fn runtime(&self) -> Runtime {
         TORCH
     }
     fn validate(&self, p: &MaskAdherenceParams) -> Result<(), String> {
-        if !(0.0..1.0).contains(&p.overlap) {
-            return Err(format!("overlap: {} must lie in [0, 1)", p.overlap));
-        }
-        if p.sw_batch == 0 || !(p.sigma_scale > 0.0) {
-            return Err("sw_batch: sw_batch and sigma_scale must be positive".into());
-        }
-        Ok(())
+        p.validate()
     }
 }
 
@@ -612,5 +573,96 @@ impl Stage for Fig6Table {
         ctx: &mut meduet_engine::StageContext,
     ) -> Result<(), meduet_engine::StageError> {
         crate::analysis::fig6::run(p, ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_parameters_are_refused_naming_the_field() {
+        let t = ControlnetTrain;
+        let bad = |mut p: ControlnetTrainParams| {
+            t.resolve(&mut p);
+            t.validate(&p).unwrap_err()
+        };
+        assert!(bad(ControlnetTrainParams {
+            labels: vec![0, 1],
+            ..Default::default()
+        })
+        .starts_with("labels:"));
+        assert!(bad(ControlnetTrainParams {
+            depth: Some(0),
+            ..Default::default()
+        })
+        .starts_with("depth:"));
+        assert!(bad(ControlnetTrainParams {
+            mask_dropout: 1.5,
+            ..Default::default()
+        })
+        .starts_with("mask_dropout:"));
+        let s = ControlnetSample;
+        let mut p = ControlnetSampleParams::default();
+        p.mask_transform.elastic = -1.0;
+        assert!(s
+            .validate(&p)
+            .unwrap_err()
+            .starts_with("mask_transform.elastic:"));
+        assert!(Fig6Table
+            .validate(&Fig6TableParams::default())
+            .unwrap_err()
+            .starts_with("regimes:"));
+        let mut r = BTreeMap::new();
+        r.insert("R1".to_string(), vec!["a".to_string()]);
+        r.insert("R2".to_string(), vec!["a".to_string()]);
+        let e = Fig6Table
+            .validate(&Fig6TableParams {
+                title: None,
+                regimes: r,
+            })
+            .unwrap_err();
+        assert!(e.contains("'a' is listed twice"), "{e}");
+    }
+
+    /// Synthetic pairs: count or ratio (not both); unset, they stay out of the key of
+    /// every existing `segment_train`.
+    #[test]
+    fn synthetic_pairs_are_counted_and_keep_old_keys() {
+        use crate::kinds::segment::{SegmentTrainParams, SyntheticParams};
+        let s = SyntheticParams {
+            count: Some(3),
+            ratio: Some(1.0),
+            with_real: true,
+        };
+        assert!(s.validate().unwrap_err().contains("not both"));
+        assert_eq!(
+            SyntheticParams {
+                count: Some(30),
+                ..Default::default()
+            }
+            .how_many(8, 4),
+            8
+        );
+        assert_eq!(
+            SyntheticParams {
+                ratio: Some(1.5),
+                ..Default::default()
+            }
+            .how_many(20, 4),
+            6
+        );
+        assert_eq!(SyntheticParams::default().how_many(7, 2), 7);
+        let j = serde_json::to_value(SegmentTrainParams::default()).unwrap();
+        assert!(j.get("synthetic").is_none(), "{j}");
+    }
+
+    #[test]
+    fn default_widths_follow_the_vae_factor() {
+        let p = ControlnetTrainParams::default();
+        assert_eq!(p.embedding_channels_for(4), vec![8, 32, 64]);
+        assert_eq!(p.embedding_channels_for(8), vec![8, 32, 64, 128]);
+        assert_eq!(p.depth_for(12), 6);
+        assert_eq!(p.depth_for(1), 1);
     }
 }

@@ -265,6 +265,7 @@ impl Default for SyntheticParams {
 }
 
 impl SyntheticParams {
+    /// Whether nothing is set (then it stays out of the stage key).
     pub fn is_default(&self) -> bool {
         *self == Self::default()
     }
@@ -278,6 +279,7 @@ impl SyntheticParams {
         }
     }
 
+    /// Checks `count` / `ratio`.
     pub fn validate(&self) -> Result<(), String> {
         if self.count.is_some() && self.ratio.is_some() {
             return Err("synthetic: give `count` or `ratio`, not both".into());
@@ -342,7 +344,7 @@ impl SegmentTrainParams {
     }
 }
 
-fn auto() -> Resources {
+pub(crate) fn auto() -> Resources {
     Resources {
         threads: 0,
         device: DeviceRequest::Auto,
@@ -350,7 +352,12 @@ fn auto() -> Resources {
     }
 }
 
-fn input(name: &'static str, ty: ArtifactType, arity: Arity, doc: &'static str) -> InputSpec {
+pub(crate) fn input(
+    name: &'static str,
+    ty: ArtifactType,
+    arity: Arity,
+    doc: &'static str,
+) -> InputSpec {
     InputSpec {
         name,
         ty,
@@ -467,6 +474,42 @@ impl Stage for SegmentTrain {
     }
 }
 
+/// Sliding-window inference over whole volumes (Gaussian blending), as `segment_eval` runs
+/// it; `mask_adherence`'s parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowParams {
+    /// Overlap of neighbouring windows.
+    pub overlap: f64,
+    /// Windows per forward pass.
+    pub sw_batch: usize,
+    /// Gaussian sigma as a fraction of the window.
+    pub sigma_scale: f64,
+}
+
+impl Default for WindowParams {
+    fn default() -> Self {
+        Self {
+            overlap: 0.5,
+            sw_batch: 4,
+            sigma_scale: 0.125,
+        }
+    }
+}
+
+impl WindowParams {
+    /// Checks the overlap, batch and sigma.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..1.0).contains(&self.overlap) {
+            return Err(format!("overlap: {} must lie in [0, 1)", self.overlap));
+        }
+        if self.sw_batch == 0 || !(self.sigma_scale > 0.0) {
+            return Err("sw_batch and sigma_scale must be positive".into());
+        }
+        Ok(())
+    }
+}
+
 /// `segment_eval` parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -530,13 +573,12 @@ impl Stage for SegmentEval {
         TORCH
     }
     fn validate(&self, p: &SegmentEvalParams) -> Result<(), String> {
-        if !(0.0..1.0).contains(&p.overlap) {
-            return Err(format!("overlap: {} must lie in [0, 1)", p.overlap));
+        WindowParams {
+            overlap: p.overlap,
+            sw_batch: p.sw_batch,
+            sigma_scale: p.sigma_scale,
         }
-        if p.sw_batch == 0 || !(p.sigma_scale > 0.0) {
-            return Err("sw_batch and sigma_scale must be positive".into());
-        }
-        Ok(())
+        .validate()
     }
 }
 

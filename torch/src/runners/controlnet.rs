@@ -108,6 +108,25 @@ fn check_labelled(items: &BTreeMap<String, Item>, ids: &[String]) -> Result<(), 
     Ok(())
 }
 
+/// Refuses a mask that holds none of the ControlNet's classes (its label values; other
+/// values count as background, as in training): it would condition on an empty mask.
+fn check_mask_values(it: &Item, labels: &[u8]) -> Result<(), StageError> {
+    let (l, _) = meduet_stages::data::zarr_store::read_zarr::<u8>(&it.dir.join(LABEL_ZARR))
+        .map_err(StageError::input)?;
+    let mut seen = [false; 256];
+    l.data.iter().for_each(|&v| seen[v as usize] = true);
+    if !labels.iter().any(|&v| seen[v as usize]) {
+        let present: Vec<u8> = (1..=255u8).filter(|&v| seen[v as usize]).collect();
+        return Err(StageError::input(format!(
+            "volumes: the mask of subject '{}' holds none of the ControlNet's {} classes (labels \
+             {labels:?}; it has {present:?})",
+            it.id,
+            labels.len()
+        )));
+    }
+    Ok(())
+}
+
 pub fn train(
     _: &ControlnetTrain,
     p: &ControlnetTrainParams,
@@ -361,6 +380,16 @@ pub fn load_controlnet(
             artifact.base_digest
         )));
     }
+    if artifact.control.mask_channels != artifact.labels.len() as i64 + 1 {
+        return Err(StageError::input(format!(
+            "controlnet: '{}' has {} mask channels but {} labels {:?} (expected labels + \
+             background): not a controlnet_train output",
+            dir.join("config.json").display(),
+            artifact.control.mask_channels,
+            artifact.labels.len(),
+            artifact.labels
+        )));
+    }
     let mut vs = VarStore::new(dev);
     let control = ControlNet::new(&vs.root(), ld.model.config(), &artifact.control)
         .map_err(|e| StageError::input(format!("'{}': {e}", dir.display())))?;
@@ -461,9 +490,11 @@ pub fn transform_mask(
         m = m.flip(flips.as_slice());
     }
     if t.elastic > 0.0 {
-        tch::manual_seed((seed ^ 0x5EED) as i64);
         let g = t.elastic_grid;
-        let disp = (Tensor::randn([1, 3, g, g, g], (Kind::Float, Device::Cpu)) * (t.elastic / 2.0))
+        let normal: Vec<f32> = (0..3 * g * g * g)
+            .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
+            .collect();
+        let disp = (Tensor::from_slice(&normal).view([1, 3, g, g, g]) * (t.elastic / 2.0))
             .clamp(-t.elastic, t.elastic)
             .upsample_trilinear3d([s[0], s[1], s[2]], true, None, None, None);
         // Sampling positions in voxels, normalised to [-1, 1] (align_corners); the grid's
@@ -584,17 +615,8 @@ pub fn sample(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(p.seed);
     let mut planned = Vec::new();
     for id in &masks_from {
+        check_mask_values(&items[id], &lc.artifact.labels)?;
         let case = read_case(&items[id], None, &lut)?;
-        let got = case.classes.iter().copied().max().unwrap_or(0) as i64 + 1;
-        if got > ccfg.mask_channels {
-            return Err(StageError::input(format!(
-                "volumes: subject '{id}' has {} mask classes, the ControlNet was trained on {} \
-                 (labels {:?})",
-                got - 1,
-                ccfg.mask_channels - 1,
-                lc.artifact.labels
-            )));
-        }
         let (window, _) = mask_window(&case.classes, case.image.shape, msize);
         for k in 0..p.samples_per_mask {
             let i = planned.len();
@@ -950,4 +972,108 @@ pub fn mask_adherence(
         fg("real_test").map_or("-".into(), |d| format!("{d:.3}"))
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meduet_stages::data::volume::VolumeOf;
+
+    fn item(dir: &Path, id: &str, label: Option<Vec<u8>>) -> Item {
+        let d = dir.join(id);
+        std::fs::create_dir_all(&d).unwrap();
+        if let Some(l) = label {
+            let v =
+                VolumeOf::from_parts(l, [2, 2, 2], meduet_stages::data::volume::IDENTITY).unwrap();
+            write_zarr(&d.join(LABEL_ZARR), &v, &Attrs::new()).unwrap();
+        }
+        Item {
+            id: id.into(),
+            dir: d,
+            attrs: Default::default(),
+            digest: meduet_cache::ContentDigest::of_bytes(id.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn masks_without_labels_or_with_unknown_values_are_refused_by_name() {
+        let t = tempfile::tempdir().unwrap();
+        let a = item(t.path(), "a", None);
+        let items = by_id(&[a]);
+        let e = check_labelled(&items, &["a".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("volumes: subject 'a' has no label"), "{e}");
+        let b = item(t.path(), "b", Some(vec![0, 1, 2, 5, 0, 0, 1, 1]));
+        let e = check_mask_values(&b, &[3, 4]).unwrap_err().to_string();
+        assert!(
+            e.contains("none of the ControlNet's 2 classes") && e.contains("[1, 2, 5]"),
+            "{e}"
+        );
+        assert!(
+            check_mask_values(&b, &[2, 3]).is_ok(),
+            "other values are background"
+        );
+    }
+
+    #[test]
+    fn mask_window_centres_on_the_foreground_and_pads() {
+        // 6^3 volume, foreground at the corner (5, 5, 5): a 4^3 window is clamped inside.
+        let mut c = vec![0u8; 216];
+        c[215] = 3;
+        let (w, origin) = mask_window(&c, [6, 6, 6], [4, 4, 4]);
+        assert_eq!(origin, [2, 2, 2]);
+        assert_eq!(w[63], 3);
+        // A window larger than the volume is centred with background around it.
+        let (w, origin) = mask_window(&c, [6, 6, 6], [8, 8, 8]);
+        assert_eq!(origin, [-1, -1, -1]);
+        assert_eq!(w.iter().filter(|&&v| v == 3).count(), 1);
+        assert_eq!(w[(6 * 8 + 6) * 8 + 6], 3);
+    }
+
+    #[test]
+    fn mask_edits_flip_deform_and_drop_as_told() {
+        let s = [8usize, 8, 8];
+        let mut c = vec![0u8; 512];
+        for (i, v) in c.iter_mut().enumerate() {
+            let x = i / 64;
+            *v = if x < 3 {
+                1
+            } else if x > 5 {
+                2
+            } else {
+                0
+            };
+        }
+        let none = MaskTransform::default();
+        assert_eq!(transform_mask(&c, s, &none, 1).unwrap().0, c);
+        let flip = MaskTransform {
+            flip_p: 1.0,
+            ..none
+        };
+        let (f, e) = transform_mask(&c, s, &flip, 1).unwrap();
+        assert_eq!(e.flipped, [true; 3]);
+        assert_eq!(f[0], 2, "axis 0 reversed");
+        let drop = MaskTransform {
+            drop_class_p: 1.0,
+            ..none
+        };
+        let (d, e) = transform_mask(&c, s, &drop, 2).unwrap();
+        let gone = e.dropped_class.unwrap();
+        assert!(!d.contains(&gone) && d.iter().any(|&v| v > 0));
+        let el = MaskTransform {
+            elastic: 2.0,
+            ..none
+        };
+        let (d, e) = transform_mask(&c, s, &el, 3).unwrap();
+        assert!(e.elastic);
+        let changed = d.iter().zip(&c).filter(|(a, b)| a != b).count();
+        assert!(changed > 0 && changed < 256, "{changed}");
+        assert!(
+            d.iter().all(|&v| v <= 2),
+            "nearest neighbour keeps the classes"
+        );
+        // Same seed, same edit.
+        assert_eq!(transform_mask(&c, s, &el, 3).unwrap().0, d);
+    }
 }
