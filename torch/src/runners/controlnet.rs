@@ -27,9 +27,8 @@ use meduet_stages::kinds::controlnet::*;
 use meduet_stages::kinds::diffusion::{SampleParams, SampleWeights};
 use meduet_stages::kinds::resample::{IMAGE_ZARR, LABEL_ZARR};
 use meduet_stages::plot::{bar_chart, montage};
-use meduet_stages::sampling::CropSource;
 use meduet_stages::segmentation::metrics::{per_class, ClassMetrics};
-use meduet_stages::segmentation::sampler::{SegAugment, SegSampler, SegSource};
+use meduet_stages::segmentation::sampler::{SegAugment, SegSampler};
 use rand::{Rng, SeedableRng};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -42,8 +41,8 @@ use super::diffusion::{
     LatentSampler, LoadedDiffusion, WeightsChoice,
 };
 use super::segment::{
-    by_id, domain_of, label_lut, label_values, latent_scale, load_segmenter, read_case,
-    segment_case, subject_splits, summary_means, Case,
+    by_id, domain_of, label_lut, label_values, latent_scale, latent_seg_sources, load_segmenter,
+    read_case, segment_case, subject_splits, summary_means, Case,
 };
 use crate::diffusion::gaussian::GaussianDiffusion;
 use crate::diffusion::{controlled_guided_output, MaskTokens};
@@ -164,36 +163,19 @@ pub fn train(
     control_cfg
         .validate(&cfg)
         .map_err(|e| StageError::input(format!("{e} (the ControlNet of this base model)")))?;
-    let sources = cases
-        .iter()
-        .map(|c| {
-            let (d, s) = c.latent.clone().expect("latents given");
-            if latent_scale(c)? != scale {
-                return Err(StageError::input(format!(
-                    "'{}': its latent grid is not {scale}x coarser than its label",
-                    c.id
-                )));
-            }
-            if s[0] as i64 != cfg.in_chans {
-                return Err(StageError::input(format!(
-                    "latents: '{}' has {} channels, the base model expects {}",
-                    c.id, s[0], cfg.in_chans
-                )));
-            }
-            SegSource::new(
-                CropSource {
-                    id: c.id.clone(),
-                    domain_id: 0,
-                    shape: s,
-                    data: d,
-                },
-                c.classes.clone(),
-                c.image.shape,
-                scale as usize,
-            )
-            .map_err(StageError::input)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(c) = cases.iter().find(|c| {
+        c.latent
+            .as_ref()
+            .is_some_and(|l| l.1[0] as i64 != cfg.in_chans)
+    }) {
+        return Err(StageError::input(format!(
+            "latents: '{}' has {} channels, the base model expects {}",
+            c.id,
+            c.latent.as_ref().expect("checked").1[0],
+            cfg.in_chans
+        )));
+    }
+    let sources = latent_seg_sources(&cases, scale)?;
     let crop = cfg.input_size.map(|v| v as usize);
     let sampler = SegSampler::new(sources, crop, p.fg_fraction, SegAugment::NONE, p.seed)
         .map_err(StageError::input)?;

@@ -787,13 +787,30 @@ fn unetr_layout(
     let out = if vae_decoder.is_some() { in_ch } else { k };
     let unetr = unetr_config(&p.unetr, in_ch, out, UnetrHead::Segmentation, mcfg.as_ref())
         .map_err(StageError::input)?;
-    let sources = train_cases
+    let sources = latent_seg_sources(train_cases, scale)?;
+    Ok(Layout {
+        unetr: Some(unetr),
+        unet: None,
+        plan: None,
+        vae_decoder,
+        scale,
+        roi: [p.unetr.crop as i64; 3],
+        sources,
+    })
+}
+
+/// Training-crop sources of cases read with their latents: each latent paired with its
+/// class map, which must be `scale` times finer on every axis.
+pub fn latent_seg_sources(cases: &[Case], scale: i64) -> Result<Vec<SegSource>, StageError> {
+    cases
         .iter()
         .map(|c| {
-            let (d, s) = c.latent.clone().expect("latent");
+            let (d, s) = c.latent.clone().ok_or_else(|| {
+                StageError::input(format!("'{}' has no latent (connect 'latents')", c.id))
+            })?;
             if latent_scale(c)? != scale {
                 return Err(StageError::input(format!(
-                    "'{}': its latent scale differs from the others'",
+                    "'{}': its latent grid is not {scale}x coarser than its label, as the others'",
                     c.id
                 )));
             }
@@ -810,16 +827,7 @@ fn unetr_layout(
             )
             .map_err(StageError::input)
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Layout {
-        unetr: Some(unetr),
-        unet: None,
-        plan: None,
-        vae_decoder,
-        scale,
-        roi: [p.unetr.crop as i64; 3],
-        sources,
-    })
+        .collect()
 }
 
 /// The nnU-Net-style U-Net on the image grid, planned from the training domains' volumes.
