@@ -2,10 +2,14 @@
 //! term by term, weight interchange both ways, and the invariants of issue 5 (mixing/demixing,
 //! gradient reversal, EMA schedule, position embeddings).
 //!
-//! Run: `cargo test --release -p meduet-stages --test meduet -- --nocapture` (prints the
+//! Run: `cargo test --release -p meduet-torch --test meduet -- --nocapture` (prints the
 //! measured relative errors). Needs the project venv (torch 2.13, safetensors).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
+
+use common::{global_rng, reference_dir};
 
 use meduet_stages::schedule::EmaSchedule;
 use meduet_stages::testing::run_python;
@@ -20,10 +24,6 @@ use tch::{nn, Device, Kind, Tensor};
 
 const REL_TOL: f64 = 1e-4;
 
-fn reference_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../reference")
-}
-
 /// The Python preamble: imports the reference module from the repository.
 fn py_prelude() -> String {
     format!(
@@ -32,17 +32,6 @@ fn py_prelude() -> String {
          import meduet_ref as R\n",
         reference_dir().display().to_string()
     )
-}
-
-/// libtorch's global generator is shared by the tests of this binary, which run in parallel:
-/// everything that seeds it or draws from it holds this lock, or a concurrent draw would give
-/// two "identical" builds different weights.
-static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn global_rng() -> std::sync::MutexGuard<'static, ()> {
-    GLOBAL_RNG
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn build(cfg: &Config, seed: i64) -> (nn::VarStore, MeDuet) {
@@ -72,14 +61,6 @@ fn rel_err(a: f64, b: f64) -> f64 {
     } else {
         (a - b).abs() / b.abs().max(1e-12)
     }
-}
-
-/// `||a - b|| / ||b||`.
-fn tensor_rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let num = (a - b).norm().double_value(&[]);
-    let den = b.norm().double_value(&[]).max(1e-30);
-    num / den
 }
 
 fn read_st(path: &Path) -> std::collections::HashMap<String, Tensor> {
@@ -270,7 +251,7 @@ fn loss_terms_match_pytorch_reference() {
             ("full.cls", &full.cls),
             ("decode_full", &dec),
         ] {
-            let e = tensor_rel_err(t, &py[label]);
+            let e = common::rel_err(t, &py[label]);
             println!("{name:16} {label:14} rel.err {e:.2e}");
             assert!(e < REL_TOL, "{name}: {label} rel.err {e:.3e}");
         }
@@ -279,7 +260,7 @@ fn loss_terms_match_pytorch_reference() {
             let pg = py
                 .get(&key)
                 .unwrap_or_else(|| panic!("{name}: python lacks {key}"));
-            let e = tensor_rel_err(&g.reshape(pg.size()), pg);
+            let e = common::rel_err(&g.reshape(pg.size()), pg);
             println!("{name:16} grad {gname:46} rel.err {e:.2e}");
             assert!(e < 1e-3, "{name}: gradient of {gname} rel.err {e:.3e}");
         }
@@ -347,7 +328,7 @@ fn python_weights_load_into_rust() {
         ("style", &full.style),
         ("cls", &full.cls),
     ] {
-        let e = tensor_rel_err(t, &py[label]);
+        let e = common::rel_err(t, &py[label]);
         println!("python -> rust encode_full.{label}: rel.err {e:.2e}");
         assert!(e < REL_TOL, "{label}: {e:.3e}");
     }
@@ -530,14 +511,14 @@ fn gradient_reversal_flips_content_gradient() {
     assert!(pc_grl.abs().sum(Kind::Float).double_value(&[]) > 0.0);
     // Relative error in norm: CPU kernels may reduce in another order on other machines, so
     // element-wise tolerances fail on entries that are themselves rounding noise.
-    let e = tensor_rel_err(&pc_grl, &(-&pc_plain));
+    let e = common::rel_err(&pc_grl, &(-&pc_plain));
     assert!(
         e < 1e-4,
         "content factorizer gradient flips (relative error {e:e})"
     );
-    let e = tensor_rel_err(&qkv_grl, &(-&qkv_plain));
+    let e = common::rel_err(&qkv_grl, &(-&qkv_plain));
     assert!(e < 1e-4, "encoder gradient flips (relative error {e:e})");
-    let e = tensor_rel_err(&cls_grl, &cls_plain);
+    let e = common::rel_err(&cls_grl, &cls_plain);
     assert!(
         e < 1e-5,
         "the classifier itself is unaffected (relative error {e:e})"
@@ -644,7 +625,7 @@ fn pos_embed_matches_formula_and_authors_code() {
     let dec = sincos_3d(384, [6, 6, 6], true, Device::Cpu).unwrap();
     assert!((&dec - &py["dec"]).abs().max().double_value(&[]) < 1e-6);
     let interp = interpolate_3d(&pe.narrow(1, 1, 216), [6, 6, 6], [16, 16, 8]).unwrap();
-    let e = tensor_rel_err(&interp, &py["interp"]);
+    let e = common::rel_err(&interp, &py["interp"]);
     println!("trilinear 6^3 -> 16x16x8 vs F.interpolate: rel.err {e:.2e}");
     assert!(e < 1e-6);
     let same = interpolate_3d(&pe.narrow(1, 1, 216), [6, 6, 6], [6, 6, 6]).unwrap();

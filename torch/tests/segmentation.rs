@@ -4,7 +4,9 @@
 //!
 //! Run: `cargo test --release -p meduet-torch --test segmentation -- --nocapture`.
 
-use std::path::Path;
+mod common;
+
+use common::{global_rng, read_json, TinyData};
 
 use meduet_stages::data::nifti_io::read_nifti_labels;
 use meduet_stages::data::zarr_store::read_zarr;
@@ -13,13 +15,6 @@ use meduet_torch::models::meduet::{Config as MeduetConfig, MeDuet};
 use meduet_torch::models::unet::{Unet, UnetConfig};
 use meduet_torch::models::unetr::{default_skips, PosEmbedInit, Unetr, UnetrConfig, UnetrHead};
 use tch::{nn, Device, Kind, Tensor};
-
-/// libtorch's global generator is shared by the tests of this binary.
-static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn global_rng() -> std::sync::MutexGuard<'static, ()> {
-    GLOBAL_RNG.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A translation-equivariant network without boundary effects: a fixed 1x1x1 map mixing
 /// the channels, then (for `scale > 1`) nearest upsampling.
@@ -475,32 +470,7 @@ fn style_augmenter_mixes_toward_the_prototype() {
 /// on their test subjects and on the third. A 4-step VAE and a 10-step MeDUET feed the
 /// UNETR and the classifier (run for coverage, no accuracy floor: their latents are
 /// barely trained); the U-Net on images must reach the stated Dice floor on the liver.
-const PIPELINE: &str = r#"
-name = "tiny_segmentation"
-[stages.phantom]
-kind = "phantom"
-domains = 3
-subjects_per_domain = 4
-shape = [48, 48, 40]
-spacing = [3.0, 3.0, 3.0]
-seed = 1
-[stages.ingest]
-kind = "ingest"
-inputs = { datasets = "phantom.datasets" }
-[stages.resample]
-kind = "resample"
-inputs = { subjects = "ingest.subjects" }
-spacing = [3.0, 3.0, 3.0]
-min_size = [64, 64, 64]
-[stages.vae]
-kind = "vae_train"
-inputs = { volumes = "resample.volumes" }
-steps = 4
-crop = [16, 16, 16]
-heldout = 1
-[stages.encode]
-kind = "vae_encode"
-inputs = { vae = "vae.vae", volumes = "resample.volumes" }
+const PIPELINE_STAGES: &str = r#"
 [stages.pretrain]
 kind = "pretrain"
 inputs = { latents = "encode.latents" }
@@ -582,16 +552,22 @@ fn out_dir(
         .join(output)
 }
 
-fn json(p: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap()
+fn tiny_pipeline() -> String {
+    let data = TinyData {
+        domains: 3,
+        subjects_per_domain: 4,
+        vae_steps: 4,
+        vae_crop: 16,
+        vae_extra: "",
+    };
+    data.toml("tiny_segmentation") + PIPELINE_STAGES
 }
 
 #[test]
 fn tiny_segmentation_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("seg.toml");
-    std::fs::write(&file, PIPELINE).unwrap();
+    std::fs::write(&file, tiny_pipeline()).unwrap();
     let p = meduet_engine::Pipeline::load(&file, &meduet_torch::registry()).unwrap();
     let store = meduet_cache::Store::open(&dir.path().join("cache")).unwrap();
     let env = meduet_engine::ExecEnv::new(store.clone());
@@ -616,7 +592,7 @@ fn tiny_segmentation_pipeline() {
 
     // Splits recorded and disjoint; the unseen domain held out.
     let model = out_dir(&store, &summary, "seg_unet", "model");
-    let splits = json(&model.join("splits.json"));
+    let splits = read_json(&model.join("splits.json"));
     assert_eq!(splits["heldout_domains"], serde_json::json!(["native"]));
     assert_eq!(splits["heldout"].as_array().unwrap().len(), 4);
     assert_eq!(splits["test"].as_array().unwrap().len(), 2);
@@ -625,7 +601,7 @@ fn tiny_segmentation_pipeline() {
         let png = std::fs::read(model.join(f)).unwrap();
         assert!(png.starts_with(&[0x89, b'P', b'N', b'G']), "{f}");
     }
-    let cfg = json(&model.join("config.json"));
+    let cfg = read_json(&model.join("config.json"));
     assert_eq!(cfg["training"]["optim"]["kind"], "sgd");
     assert_eq!(cfg["training"]["optim"]["momentum"], 0.99);
     assert_eq!(cfg["training"]["schedule"]["kind"], "poly");
@@ -634,7 +610,7 @@ fn tiny_segmentation_pipeline() {
 
     // Evaluation: summary.json with per-case per-class metrics, in-domain and unseen.
     let report = out_dir(&store, &summary, "eval_unet", "report");
-    let s = json(&report.join("summary.json"));
+    let s = read_json(&report.join("summary.json"));
     let dice = s["in_domain"]["foreground_mean"]["Dice"].as_f64().unwrap();
     let unseen = s["unseen_domain"]["foreground_mean"]["Dice"]
         .as_f64()
@@ -719,13 +695,13 @@ fn tiny_segmentation_pipeline() {
 
     // UNETR with MeDUET init: transfer recorded, evaluation written.
     let um = out_dir(&store, &summary, "seg_unetr", "model");
-    let ucfg = json(&um.join("config.json"));
+    let ucfg = read_json(&um.join("config.json"));
     assert_eq!(
         ucfg["meduet_transfer"]["copied"].as_array().unwrap().len(),
         4 + 12 * 2
     );
     assert_eq!(ucfg["scale"], 4);
-    let us = json(&out_dir(&store, &summary, "eval_unetr", "report").join("summary.json"));
+    let us = read_json(&out_dir(&store, &summary, "eval_unetr", "report").join("summary.json"));
     assert!(
         us["in_domain"]["foreground_mean"]["Dice"].is_number(),
         "{us}"
@@ -764,7 +740,7 @@ fn tiny_segmentation_pipeline() {
     }
 
     // Classification report.
-    let c = json(&out_dir(&store, &summary, "cls_eval", "report").join("classification.json"));
+    let c = read_json(&out_dir(&store, &summary, "cls_eval", "report").join("classification.json"));
     assert!(
         c["in_domain"]["accuracy"]
             .as_f64()
