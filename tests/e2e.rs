@@ -124,17 +124,31 @@ fn tiny_method_pipeline_end_to_end() {
     let j = read_json(report.join("probe.json"));
     for f in ["content", "style"] {
         let r = &j[format!("domain_from_{f}")];
-        let acc = r["probe"]["accuracy"].as_f64().unwrap();
-        let auc = r["probe"]["macro_auc"].as_f64().unwrap();
+        let acc = r["probe"]["accuracy"]["mean"].as_f64().unwrap();
+        let auc = r["probe"]["macro_auc"]["mean"].as_f64().unwrap();
         assert!(
             (0.0..=1.0).contains(&acc) && (0.0..=1.0).contains(&auc),
             "{r}"
+        );
+        // Error bars over 20 fold seeds and a permutation test against chance.
+        assert_eq!(r["probe"]["accuracy"]["n"], 20);
+        let lo = r["probe"]["accuracy"]["min"].as_f64().unwrap();
+        let hi = r["probe"]["accuracy"]["max"].as_f64().unwrap();
+        assert!(lo <= acc && acc <= hi, "{r}");
+        let t = &r["probe"]["permutation"];
+        assert_eq!(t["permutations"], 200);
+        let p = t["accuracy_p"].as_f64().unwrap();
+        assert!((1.0 / 201.0..=1.0).contains(&p), "{t}");
+        let band = t["accuracy_chance_band"].as_array().unwrap();
+        assert!(
+            band[0].as_f64().unwrap() <= band[1].as_f64().unwrap(),
+            "{t}"
         );
         assert_eq!(r["probe"]["samples"], 12);
         assert_eq!(r["probe"]["classes"], 4);
         assert!(r["silhouette"].as_f64().unwrap().abs() <= 1.0);
     }
-    assert!(j["has_lesion_from_factors"]["content"]["accuracy"].is_number());
+    assert!(j["has_lesion_from_factors"]["content"]["accuracy"]["mean"].is_number());
     let md = std::fs::read_to_string(report.join("probe.md")).unwrap();
     assert!(md.contains("| domain | content |") && md.contains("| domain | style |"));
     let png = std::fs::read(report.join("tsne.png")).unwrap();

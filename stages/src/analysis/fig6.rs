@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use meduet_engine::{StageContext, StageError};
 
-use crate::kinds::controlnet::{Fig6Row, Fig6TableParams, Spread};
+use crate::analysis::stats::Spread;
+use crate::kinds::controlnet::{Fig6Row, Fig6TableParams};
 use crate::segmentation::splits::LabelFraction;
 
 /// Shots first, then percentages ascending.

@@ -1,12 +1,14 @@
 //! Multinomial logistic regression (softmax, L2 penalty), fitted by full-batch gradient
 //! descent with Nesterov momentum on standardised features; stratified k-fold
-//! cross-validation of it.
+//! cross-validation of it, repeated over fold seeds, and a permutation test against chance.
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use super::metrics::{accuracy, macro_auc};
+use super::stats::{quantile, Spread};
 use super::Matrix;
 
 /// A fitted model: `weights[c * d + j]`, `bias[c]`.
@@ -148,6 +150,19 @@ pub fn cross_validate(
 ) -> ProbeResult {
     let folds = folds.min(y.len()).max(2);
     let assignment = stratified_folds(y, folds, seed);
+    cross_validate_folds(x, y, classes, &assignment, folds, l2, iterations)
+}
+
+/// [`cross_validate`] on given fold indices (`assignment[i]` in `0..folds`).
+pub fn cross_validate_folds(
+    x: &Matrix,
+    y: &[usize],
+    classes: usize,
+    assignment: &[usize],
+    folds: usize,
+    l2: f64,
+    iterations: usize,
+) -> ProbeResult {
     let mut probs = vec![vec![0.0; classes]; y.len()];
     let mut fold_accuracy = Vec::new();
     for f in 0..folds {
@@ -171,10 +186,7 @@ pub fn cross_validate(
         fold_accuracy.push(accuracy(&pred, &truth));
     }
     let pred: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
-    let mut counts = vec![0usize; classes];
-    for &c in y {
-        counts[c] += 1;
-    }
+    let counts = class_counts(y, classes);
     let majority = counts.iter().copied().max().unwrap_or(0);
     ProbeResult {
         accuracy: accuracy(&pred, y),
@@ -184,6 +196,137 @@ pub fn cross_validate(
         folds,
         samples: y.len(),
         classes,
+    }
+}
+
+fn class_counts(y: &[usize], classes: usize) -> Vec<usize> {
+    let mut counts = vec![0usize; classes];
+    for &c in y {
+        counts[c] += 1;
+    }
+    counts
+}
+
+/// Refuses `folds` above the sample count of the rarest class (`names[c]` names class c):
+/// a stratified split would leave that class out of some test folds.
+pub fn check_folds(y: &[usize], names: &[String], folds: usize) -> Result<(), String> {
+    let counts = class_counts(y, names.len());
+    if let Some((c, &n)) = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n > 0)
+        .min_by_key(|(_, &n)| n)
+    {
+        if n < folds {
+            return Err(format!(
+                "folds: {folds} folds need at least {folds} samples of each class, but '{}' has {n}",
+                names[c]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How a probe is repeated and tested.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeSettings {
+    pub folds: usize,
+    pub l2: f64,
+    pub iterations: usize,
+    /// Stratified k-fold splits, fold seeds `seed..seed + repeats`.
+    pub repeats: usize,
+    /// Label permutations of the permutation test (0: no test).
+    pub permutations: usize,
+    pub seed: u64,
+}
+
+/// Probe figures over repeated stratified k-fold splits, with a permutation test.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RepeatedProbe {
+    /// Out-of-fold accuracy, one value per fold seed.
+    pub accuracy: Spread,
+    /// Macro one-vs-rest AUC, one value per fold seed.
+    pub macro_auc: Spread,
+    /// Share of the most frequent class.
+    pub chance_accuracy: f64,
+    pub folds: usize,
+    pub repeats: usize,
+    pub samples: usize,
+    pub classes: usize,
+    pub permutation: Option<PermutationTest>,
+}
+
+/// The probe against chance: the split of the first fold seed, refitted with the labels
+/// shuffled (the folds re-stratified on them), as scikit-learn's `permutation_test_score`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PermutationTest {
+    pub permutations: usize,
+    /// Accuracy and AUC of that split with the true labels.
+    pub observed_accuracy: f64,
+    pub observed_auc: f64,
+    /// `(1 + #{null >= observed}) / (1 + permutations)`.
+    pub accuracy_p: f64,
+    pub auc_p: f64,
+    /// 2.5th and 97.5th percentiles of the shuffled-label figures: the 95 % chance band.
+    pub accuracy_chance_band: [f64; 2],
+    pub auc_chance_band: [f64; 2],
+}
+
+/// Repeated stratified k-fold probe and permutation test; fits run in parallel (rayon)
+/// and the result does not depend on the thread count.
+pub fn repeated_probe(x: &Matrix, y: &[usize], classes: usize, s: &ProbeSettings) -> RepeatedProbe {
+    let folds = s.folds.min(y.len()).max(2);
+    let runs: Vec<ProbeResult> = (0..s.repeats.max(1) as u64)
+        .into_par_iter()
+        .map(|r| cross_validate(x, y, classes, folds, s.l2, s.iterations, s.seed + r))
+        .collect();
+    let permutation = (s.permutations > 0).then(|| {
+        let mut rng = ChaCha8Rng::seed_from_u64(s.seed ^ 0x9e37_79b9_7f4a_7c15);
+        let shuffled: Vec<Vec<usize>> = (0..s.permutations)
+            .map(|_| {
+                let mut yp = y.to_vec();
+                yp.shuffle(&mut rng);
+                yp
+            })
+            .collect();
+        let null: Vec<(f64, f64)> = shuffled
+            .par_iter()
+            .map(|yp| {
+                let r = cross_validate(x, yp, classes, folds, s.l2, s.iterations, s.seed);
+                (r.accuracy, r.macro_auc)
+            })
+            .collect();
+        let observed = &runs[0];
+        let p = |obs: f64, pick: fn(&(f64, f64)) -> f64| {
+            (1 + null.iter().filter(|v| pick(v) >= obs - 1e-12).count()) as f64
+                / (1 + null.len()) as f64
+        };
+        let band = |pick: fn(&(f64, f64)) -> f64| {
+            let v: Vec<f64> = null.iter().map(pick).collect();
+            [
+                quantile(&v, 0.025).unwrap_or(f64::NAN),
+                quantile(&v, 0.975).unwrap_or(f64::NAN),
+            ]
+        };
+        PermutationTest {
+            permutations: null.len(),
+            observed_accuracy: observed.accuracy,
+            observed_auc: observed.macro_auc,
+            accuracy_p: p(observed.accuracy, |v| v.0),
+            auc_p: p(observed.macro_auc, |v| v.1),
+            accuracy_chance_band: band(|v| v.0),
+            auc_chance_band: band(|v| v.1),
+        }
+    });
+    RepeatedProbe {
+        accuracy: Spread::of(&runs.iter().map(|r| r.accuracy).collect::<Vec<_>>()),
+        macro_auc: Spread::of(&runs.iter().map(|r| r.macro_auc).collect::<Vec<_>>()),
+        chance_accuracy: runs[0].chance_accuracy,
+        folds,
+        repeats: runs.len(),
+        samples: y.len(),
+        classes,
+        permutation,
     }
 }
 
@@ -232,6 +375,62 @@ mod tests {
         let skewed: Vec<usize> = (0..90).map(|i| usize::from(i % 3 == 0)).collect();
         let r = cross_validate(&noise, &skewed, 2, 5, 1e-2, 200, 0);
         assert!((r.chance_accuracy - 2.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn repeated_probe_has_error_bars_and_a_permutation_test() {
+        let settings = ProbeSettings {
+            folds: 5,
+            l2: 1e-2,
+            iterations: 100,
+            repeats: 8,
+            permutations: 49,
+            seed: 3,
+        };
+        // Separable: every split perfect; no shuffled labelling does as well: p = 1 / 50.
+        let (x, y) = blobs(10, &[[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]], 1.0, 1);
+        let r = repeated_probe(&x, &y, 3, &settings);
+        assert_eq!((r.accuracy.n, r.repeats, r.folds), (8, 8, 5));
+        assert_eq!((r.accuracy.mean, r.accuracy.sd), (Some(1.0), Some(0.0)));
+        let t = r.permutation.as_ref().unwrap();
+        assert_eq!(t.permutations, 49);
+        assert!(
+            (t.accuracy_p - 1.0 / 50.0).abs() < 1e-12,
+            "{}",
+            t.accuracy_p
+        );
+        assert!(t.accuracy_chance_band[1] < 1.0 && t.accuracy_chance_band[0] < 0.5);
+        // Noise: the split's accuracy sits inside the chance band, p far from 0; splits
+        // differ, so the spread is not zero.
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let noise = Matrix::new(60, 4, (0..240).map(|_| rng.random::<f64>()).collect());
+        let labels: Vec<usize> = (0..60).map(|i| i % 3).collect();
+        let r = repeated_probe(&noise, &labels, 3, &settings);
+        let t = r.permutation.as_ref().unwrap();
+        assert!(t.accuracy_p > 0.05, "{t:?}");
+        assert!(r.accuracy.sd.unwrap() > 0.0);
+        let m = r.accuracy.mean.unwrap();
+        assert!(r.accuracy.min.unwrap() <= m && m <= r.accuracy.max.unwrap());
+        // The same seed gives the same figures, whatever the thread count.
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let r1 = one.install(|| repeated_probe(&noise, &labels, 3, &settings));
+        assert_eq!(r1.accuracy, r.accuracy);
+        assert_eq!(r1.permutation.unwrap().accuracy_p, t.accuracy_p);
+    }
+
+    #[test]
+    fn more_folds_than_the_rarest_class_are_refused() {
+        let names: Vec<String> = ["venous", "native"].iter().map(|s| s.to_string()).collect();
+        let y = [0, 0, 0, 0, 0, 1, 1, 1];
+        assert!(check_folds(&y, &names, 3).is_ok());
+        let e = check_folds(&y, &names, 4).unwrap_err();
+        assert!(
+            e.starts_with("folds: 4") && e.contains("'native' has 3"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod fig6;
 pub mod logistic;
 pub mod metrics;
+pub mod stats;
 pub mod synthesis;
 pub mod tsne;
 

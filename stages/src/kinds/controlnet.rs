@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use meduet_engine::{Arity, ArtifactType, InputSpec, OutputSpec, Resources, Runtime, Stage};
 use serde::{Deserialize, Serialize};
 
+use crate::analysis::stats::Spread;
 use crate::kinds::diffusion::{
     DdpmVariance, GuidanceParams, OdeMethod, SampleWeights, Sampler, DIFFUSION, SAMPLES,
 };
@@ -489,48 +490,10 @@ pub struct Fig6Row {
     pub hd95_unseen: Spread,
 }
 
-/// Mean and sample standard deviation over seeds (`None` when no seed had a value).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Spread {
-    pub mean: Option<f64>,
-    pub sd: Option<f64>,
-    pub n: usize,
-}
-
-impl Spread {
-    pub fn of(values: &[f64]) -> Self {
-        let n = values.len();
-        if n == 0 {
-            return Self {
-                mean: None,
-                sd: None,
-                n,
-            };
-        }
-        let m = values.iter().sum::<f64>() / n as f64;
-        let sd = (n > 1)
-            .then(|| (values.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt());
-        Self {
-            mean: Some(m),
-            sd,
-            n,
-        }
-    }
-
-    /// `mean ± sd` with `digits` decimals, `mean` alone for one seed, `-` for none.
-    pub fn text(&self, digits: usize) -> String {
-        match (self.mean, self.sd) {
-            (None, _) => "-".into(),
-            (Some(m), None) => format!("{m:.digits$}"),
-            (Some(m), Some(s)) => format!("{m:.digits$} ± {s:.digits$}"),
-        }
-    }
-}
-
 impl Stage for Fig6Table {
     type Params = Fig6TableParams;
     const KIND: &'static str = "fig6_table";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "Fig. 6: mean foreground Dice / HD95 per augmentation regime and label fraction, in-domain and on the held-out domain, mean ± sd over seeds (Markdown, CSV, bar chart)";
     fn inputs(&self) -> Vec<InputSpec> {
         vec![input(

@@ -3,10 +3,11 @@
 //!
 //! Linear probes (multinomial logistic regression, stratified k-fold cross-validation)
 //! predict the domain from the content vectors and from the style vectors (accuracy and
-//! macro one-vs-rest AUC); silhouette scores by domain for both; a t-SNE of each, side by
-//! side, coloured by domain (`tsne.png`). Where subjects carry a known anatomical
-//! attribute (phantoms: `has_lesion`), the same probes predict it from content and from
-//! style. Output `report`: `probe.json`, `probe.md`, `tsne.png`.
+//! macro one-vs-rest AUC, mean / sd / range over `repeats` fold seeds, and a permutation
+//! test against chance: p-value and 95 % chance band); silhouette scores by domain for
+//! both; a t-SNE of each, side by side, coloured by domain (`tsne.png`). Where subjects
+//! carry a known anatomical attribute (phantoms: `has_lesion`), the same probes predict it
+//! from content and from style. Output `report`: `probe.json`, `probe.md`, `tsne.png`.
 
 use std::path::Path;
 
@@ -16,7 +17,7 @@ use meduet_engine::{
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::cluster::silhouette;
-use crate::analysis::logistic::{cross_validate, ProbeResult};
+use crate::analysis::logistic::{check_folds, repeated_probe, ProbeSettings, RepeatedProbe};
 use crate::analysis::tsne::tsne;
 use crate::analysis::Matrix;
 use crate::kinds::pretrain::FACTORS;
@@ -29,8 +30,13 @@ pub const PROBE_REPORT: ArtifactType = ArtifactType::single("probe_report");
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbeParams {
-    /// Cross-validation folds.
+    /// Cross-validation folds (at most the subject count of the rarest class).
     pub folds: usize,
+    /// Stratified k-fold splits, one per fold seed (`seed`, `seed + 1`, ...): the figures
+    /// are their mean, sd and range.
+    pub repeats: usize,
+    /// Shuffled labellings of the permutation test against chance.
+    pub permutations: usize,
     /// L2 penalty of the logistic regression (on standardised features).
     pub l2: f64,
     /// Optimiser iterations of each fit.
@@ -46,6 +52,8 @@ impl Default for ProbeParams {
     fn default() -> Self {
         Self {
             folds: 5,
+            repeats: 20,
+            permutations: 200,
             l2: 1e-2,
             iterations: 300,
             tsne_perplexity: 10.0,
@@ -62,7 +70,7 @@ pub struct Probe;
 impl Stage for Probe {
     type Params = ProbeParams;
     const KIND: &'static str = "probe";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const ABOUT: &'static str =
         "linear probes, silhouettes and t-SNE of content vs style vectors (factor identifiability)";
     fn inputs(&self) -> Vec<InputSpec> {
@@ -92,6 +100,14 @@ impl Stage for Probe {
     fn validate(&self, p: &ProbeParams) -> Result<(), String> {
         if p.folds < 2 {
             return Err(format!("folds: {} must be at least 2", p.folds));
+        }
+        if p.repeats == 0 {
+            return Err("repeats: must be at least 1 (stratified k-fold splits)".into());
+        }
+        if p.permutations == 0 {
+            return Err(
+                "permutations: must be at least 1 (shuffled labellings of the test against chance; 200 or more for a p-value below 0.005)".into(),
+            );
         }
         if !(p.tsne_perplexity > 1.0) {
             return Err("tsne_perplexity: must be above 1".into());
@@ -128,21 +144,42 @@ impl Stage for Probe {
                     .unwrap_or_else(|| format!("domain {id}"))
             })
             .collect();
+        check_folds(&y, &names, p.folds).map_err(StageError::input)?;
+        let settings = ProbeSettings {
+            folds: p.folds,
+            l2: p.l2,
+            iterations: p.iterations,
+            repeats: p.repeats,
+            permutations: p.permutations,
+            seed: p.seed,
+        };
         let mut report = serde_json::Map::new();
-        let mut md = String::from("# Factor identifiability\n\n| target | features | accuracy | chance | macro AUC | silhouette |\n|---|---|---|---|---|---|\n");
+        let mut md = format!(
+            "# Factor identifiability\n\n| target | features | accuracy | range | chance | 95 % chance band | p | macro AUC | AUC p | silhouette |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        );
         let mut emb = Vec::new();
         for (name, x) in [("content", &f.content), ("style", &f.style)] {
             ctx.check_cancelled()?;
-            let r = cross_validate(x, &y, ids.len(), p.folds, p.l2, p.iterations, p.seed);
+            let r = repeated_probe(x, &y, ids.len(), &settings);
             let (mean, std) = x.column_stats();
             let z = x.standardized(&mean, &std);
             let sil = silhouette(&z, &y);
-            md.push_str(&format!(
-                "| domain | {name} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
-                r.accuracy, r.chance_accuracy, r.macro_auc, sil
-            ));
-            ctx.set_metric(&format!("{name}_domain_accuracy"), r.accuracy);
-            ctx.set_metric(&format!("{name}_domain_auc"), r.macro_auc);
+            md.push_str(&format!("| domain | {name} | {} | {sil:.3} |\n", row(&r)));
+            ctx.set_metric(
+                &format!("{name}_domain_accuracy"),
+                r.accuracy.mean.unwrap_or(f64::NAN),
+            );
+            ctx.set_metric(
+                &format!("{name}_domain_accuracy_sd"),
+                r.accuracy.sd.unwrap_or(0.0),
+            );
+            if let Some(t) = &r.permutation {
+                ctx.set_metric(&format!("{name}_domain_accuracy_p"), t.accuracy_p);
+            }
+            ctx.set_metric(
+                &format!("{name}_domain_auc"),
+                r.macro_auc.mean.unwrap_or(f64::NAN),
+            );
             ctx.set_metric(&format!("{name}_silhouette"), sil);
             report.insert(
                 format!("domain_from_{name}"),
@@ -178,15 +215,20 @@ impl Stage for Probe {
                 .iter()
                 .map(|v| levels.binary_search(v.as_ref().unwrap()).unwrap())
                 .collect();
+            let level_names: Vec<String> = levels.iter().map(|l| format!("{attr} = {l}")).collect();
+            if let Err(e) = check_folds(&ya, &level_names, p.folds) {
+                tracing::warn!("attribute '{attr}' not probed: {e}");
+                md.push_str(&format!("| {attr} | | not probed: {e} | | | | | | | |\n"));
+                continue;
+            }
             let mut entry = serde_json::Map::new();
             for (name, x) in [("content", &f.content), ("style", &f.style)] {
-                let r: ProbeResult =
-                    cross_validate(x, &ya, levels.len(), p.folds, p.l2, p.iterations, p.seed);
-                md.push_str(&format!(
-                    "| {attr} | {name} | {:.3} | {:.3} | {:.3} | |\n",
-                    r.accuracy, r.chance_accuracy, r.macro_auc
-                ));
-                ctx.set_metric(&format!("{name}_{attr}_auc"), r.macro_auc);
+                let r: RepeatedProbe = repeated_probe(x, &ya, levels.len(), &settings);
+                md.push_str(&format!("| {attr} | {name} | {} | |\n", row(&r)));
+                ctx.set_metric(
+                    &format!("{name}_{attr}_auc"),
+                    r.macro_auc.mean.unwrap_or(f64::NAN),
+                );
                 entry.insert(name.to_string(), serde_json::to_value(r).expect("json"));
             }
             report.insert(
@@ -194,7 +236,7 @@ impl Stage for Probe {
                 serde_json::Value::Object(entry),
             );
         }
-        md.push_str(&format!("\n{n} subjects, {} domains ({}); {}-fold stratified cross-validation of an L2 logistic regression (l2 = {}) on standardised features. A good disentanglement puts the domain in the style vectors (accuracy far above chance) and not in the content vectors (near chance).\n", ids.len(), names.join(", "), p.folds, p.l2));
+        md.push_str(&format!("\n{n} subjects, {} domains ({}); {}-fold stratified cross-validation of an L2 logistic regression (l2 = {}) on standardised features, repeated over {} fold seeds (accuracy and AUC: mean ± sd, range). Chance band and p: the first split refitted on {} shuffled labellings (95 % band of their accuracy; p = (1 + #shuffled >= observed) / (1 + shuffles)). A good disentanglement puts the domain in the style vectors (accuracy far above chance) and not in the content vectors (near chance).\n", ids.len(), names.join(", "), p.folds, p.l2, p.repeats, p.permutations));
         let out = ctx.output_dir("report")?;
         std::fs::write(out.join("probe.md"), &md).map_err(|e| StageError::io(&out, e))?;
         std::fs::write(
@@ -212,6 +254,28 @@ impl Stage for Probe {
         tracing::info!("probe results:\n{md}");
         Ok(())
     }
+}
+
+/// The table cells of one probe: accuracy, range, chance, chance band, p, AUC, AUC p.
+fn row(r: &RepeatedProbe) -> String {
+    let (band, p, auc_p) = match &r.permutation {
+        Some(t) => (
+            format!(
+                "{:.3} to {:.3}",
+                t.accuracy_chance_band[0], t.accuracy_chance_band[1]
+            ),
+            format!("{:.3}", t.accuracy_p),
+            format!("{:.3}", t.auc_p),
+        ),
+        None => ("-".into(), "-".into(), "-".into()),
+    };
+    format!(
+        "{} | {} | {:.3} | {band} | {p} | {} | {auc_p}",
+        r.accuracy.text(3),
+        r.accuracy.range_text(3),
+        r.chance_accuracy,
+        r.macro_auc.text(3)
+    )
 }
 
 /// A `factors` artifact read back.
@@ -298,4 +362,24 @@ pub fn read_factors(dir: &Path) -> Result<FactorTable, StageError> {
         domain_names,
         subjects,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_probe_parameters_name_the_field() {
+        let ok = ProbeParams::default();
+        assert!(Probe.validate(&ok).is_ok());
+        assert!((ok.repeats, ok.permutations) == (20, 200));
+        let zero = |f: fn(&mut ProbeParams)| {
+            let mut p = ProbeParams::default();
+            f(&mut p);
+            Probe.validate(&p).unwrap_err()
+        };
+        assert!(zero(|p| p.permutations = 0).starts_with("permutations:"));
+        assert!(zero(|p| p.repeats = 0).starts_with("repeats:"));
+        assert!(zero(|p| p.folds = 1).starts_with("folds:"));
+    }
 }
