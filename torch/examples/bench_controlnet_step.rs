@@ -76,6 +76,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let c = Tensor::randn([batch, cfg.content_dim], (Kind::Float, dev));
     let s = Tensor::randn([batch, cfg.style_dim], (Kind::Float, dev));
     let classes = Tensor::randint(5, [batch, x * 4, y * 4, z * 4], (Kind::Int64, dev));
+    // One-hot once, as the PyTorch side does (the step itself applies mask dropout).
+    let onehot = one_hot(&classes, 5);
     let ddpm = GaussianDiffusion::linear(1000, 1e-4, 0.02);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let (mut times, mut losses) = (Vec::new(), Vec::new());
@@ -84,7 +86,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let dc = dropout_mask(batch as usize, 0.2, &mut rng, dev);
         let ds = dropout_mask(batch as usize, 0.2, &mut rng, dev);
         let dm = dropout_mask(batch as usize, 0.1, &mut rng, dev);
-        let mask = drop_masks(&one_hot(&classes, 5), &dm);
+        let mask = drop_masks(&onehot, &dm);
         let t = Tensor::randint(1000, [batch], (Kind::Int64, dev));
         let noise = x1.randn_like();
         let xt = ddpm.q_sample(&x1, &t, &noise);
