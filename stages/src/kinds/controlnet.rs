@@ -232,8 +232,12 @@ impl Stage for ControlnetTrain {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MaskTransform {
-    /// Probability of flipping each axis.
+    /// Probability of flipping each axis of `flip_axes`.
     pub flip_p: f64,
+    /// Which axes may flip (volumes are RAS after `resample`: `[true, false, false]` is
+    /// left-right only). Default: all three.
+    #[serde(skip_serializing_if = "all_axes")]
+    pub flip_axes: [bool; 3],
     /// Largest displacement of a smooth random deformation, in mask voxels (0: none):
     /// Gaussian displacements on a coarse grid of `elastic_grid`^3 points (standard
     /// deviation `elastic / 2`, clipped to `elastic`), upsampled trilinearly, labels
@@ -248,11 +252,18 @@ impl Default for MaskTransform {
     fn default() -> Self {
         Self {
             flip_p: 0.0,
+            flip_axes: [true; 3],
             elastic: 0.0,
             elastic_grid: 4,
             drop_class_p: 0.0,
         }
     }
+}
+
+/// Whether `axes` is the default, every axis (left out of the cache key then, so keys
+/// from before `flip_axes` existed are unchanged).
+fn all_axes(axes: &[bool; 3]) -> bool {
+    axes.iter().all(|&a| a)
 }
 
 /// Where the style vector of a synthetic sample comes from.
@@ -586,6 +597,22 @@ mod tests {
             })
             .unwrap_err();
         assert!(e.contains("'a' is listed twice"), "{e}");
+    }
+
+    /// `flip_axes` left at its default stays out of the parameters (keys made before it
+    /// existed are unchanged); set, it is read and kept.
+    #[test]
+    fn flip_axes_default_keeps_old_keys() {
+        let p = ControlnetSampleParams::default();
+        let v = serde_json::to_value(&p).unwrap();
+        assert!(v["mask_transform"].get("flip_axes").is_none(), "{v}");
+        let lr: MaskTransform = serde_json::from_value(
+            serde_json::json!({ "flip_p": 0.5, "flip_axes": [true, false, false] }),
+        )
+        .unwrap();
+        assert_eq!(lr.flip_axes, [true, false, false]);
+        let v = serde_json::to_value(lr).unwrap();
+        assert_eq!(v["flip_axes"], serde_json::json!([true, false, false]));
     }
 
     /// Synthetic pairs: count or ratio (not both); unset, they stay out of the key of

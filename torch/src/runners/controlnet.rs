@@ -460,9 +460,10 @@ pub fn transform_mask(
     let s = size.map(|v| v as i64);
     let mut m = Tensor::from_slice(classes).view([1, 1, s[0], s[1], s[2]]);
     let mut edits = MaskEdits::default();
+    // One draw per axis whatever `flip_axes` says, so the later edits draw the same numbers.
     let flips: Vec<i64> = (0..3)
         .filter(|&a| {
-            let f = t.flip_p > 0.0 && rng.random_bool(t.flip_p);
+            let f = t.flip_p > 0.0 && rng.random_bool(t.flip_p) && t.flip_axes[a];
             edits.flipped[a] = f;
             f
         })
@@ -1036,6 +1037,20 @@ mod tests {
         let (f, e) = transform_mask(&c, s, &flip, 1).unwrap();
         assert_eq!(e.flipped, [true; 3]);
         assert_eq!(f[0], 2, "axis 0 reversed");
+        // Left-right only: axes 1 and 2 stay; the result is axis 0's flip alone.
+        let lr = MaskTransform {
+            flip_axes: [true, false, false],
+            ..flip
+        };
+        let (f, e) = transform_mask(&c, s, &lr, 1).unwrap();
+        assert_eq!(e.flipped, [true, false, false]);
+        let by_hand: Vec<u8> = (0..512).map(|i| c[(7 - i / 64) * 64 + i % 64]).collect();
+        assert_eq!(f, by_hand);
+        let off = MaskTransform {
+            flip_axes: [false; 3],
+            ..flip
+        };
+        assert_eq!(transform_mask(&c, s, &off, 1).unwrap().0, c);
         let drop = MaskTransform {
             drop_class_p: 1.0,
             ..none
