@@ -310,6 +310,18 @@ pub struct GrayImage {
     pub hi: f32,
 }
 
+/// `text` unchanged when `fits` it, else its longest prefix that fits with "…" appended.
+fn cut_to_fit(text: &str, fits: impl Fn(&str) -> bool) -> String {
+    if fits(text) {
+        return text.to_string();
+    }
+    let mut shown = text.to_string();
+    while !shown.is_empty() && !fits(&format!("{shown}…")) {
+        shown.pop();
+    }
+    shown + "…"
+}
+
 /// A grid of grey-level images (`rows[r][c]`), each scaled to `cell` pixels.
 pub fn montage(
     path: &Path,
@@ -330,12 +342,16 @@ pub fn montage(
         for (c, img) in row.iter().enumerate() {
             let x0 = c as u32 * cell;
             let y0 = head + r as u32 * (cell + label);
-            root.draw_text(
-                &img.title,
-                &("sans-serif", 13).into_font().color(&WHITE),
-                (x0 as i32 + 4, y0 as i32 + 2),
-            )
-            .map_err(|e| err(path, e))?;
+            let font = ("sans-serif", 13).into_font().color(&WHITE);
+            // Titles are cut to their cell (with "…"), not drawn over the next one.
+            let fits = |t: &str| {
+                root.estimate_text_size(t, &font)
+                    .map(|(w, _)| w + 8 <= cell)
+                    .unwrap_or(true)
+            };
+            let shown = cut_to_fit(&img.title, fits);
+            root.draw_text(&shown, &font, (x0 as i32 + 4, y0 as i32 + 2))
+                .map_err(|e| err(path, e))?;
             if img.width == 0 || img.height == 0 {
                 continue;
             }
@@ -370,6 +386,17 @@ mod tests {
         std::fs::read(p)
             .map(|b| b.len() > 2000 && b.starts_with(&[0x89, b'P', b'N', b'G']))
             .unwrap_or(false)
+    }
+
+    #[test]
+    fn long_titles_are_cut_to_their_cell() {
+        let fits = |t: &str| t.chars().count() <= 10;
+        assert_eq!(cut_to_fit("axial", fits), "axial");
+        assert_eq!(
+            cut_to_fit("synth_arterial_case_001_00 axial", fits),
+            "synth_art…"
+        );
+        assert_eq!(cut_to_fit("abc", |_| false), "…");
     }
 
     #[test]
